@@ -1,0 +1,139 @@
+"""LoRA, rsLoRA and DoRA: the config and the math, torch-free.
+
+LoRA adds a low-rank update to a frozen weight ``W [out, in]``::
+
+    y = x W^T + s * (x A^T) B^T          A: [r, in], B: [out, r]
+    delta_weight = s * B @ A             s = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+DoRA (use_dora) rescales each output row of the updated weight to a learned magnitude m::
+
+    W' = m / ||W + s B A||_row * (W + s B A)
+
+These functions accept numpy arrays or torch tensors; the tuner (PyTorch), MergeAdapters
+(numpy on lazily loaded ONNX weights) and convert-adapters all call them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import AdapterConfig, register_config
+from ..errors import AdapterConfigError
+from ..targets import pattern_value
+
+_INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq")
+
+
+@register_config
+@dataclass
+class LoraConfig(AdapterConfig):
+    """PEFT's LoraConfig: same field names, same defaults."""
+
+    peft_type = "LORA"
+
+    r: int = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    lora_alpha: int | float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, int | float] = field(default_factory=dict)
+    use_dora: bool = False
+
+    def validate(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise AdapterConfigError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise AdapterConfigError(
+                f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}"
+            )
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise AdapterConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        init = self.init_lora_weights
+        if not isinstance(init, bool) and not (
+            isinstance(init, str) and (init in _INIT_CHOICES or init.startswith("pissa_niter_"))
+        ):
+            raise AdapterConfigError(
+                f"LoraConfig.init_lora_weights={init!r} is not supported; use True, False, "
+                "'gaussian', 'pissa', 'pissa_niter_N' or 'olora'"
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise AdapterConfigError("LoraConfig.layers_pattern needs layers_to_transform")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise AdapterConfigError(
+                "LoraConfig.layers_to_transform cannot be used when target_modules is a regex string"
+            )
+
+    def rank_for(self, module_path: str) -> int:
+        return int(pattern_value(self.rank_pattern or {}, module_path, self.r))
+
+    def alpha_for(self, module_path: str) -> float:
+        return pattern_value(self.alpha_pattern or {}, module_path, self.lora_alpha)
+
+    def scaling_for(self, module_path: str) -> float:
+        return lora_scaling(self.rank_for(module_path), self.alpha_for(module_path), self.use_rslora)
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def _reshape(x: Any, *shape: int) -> Any:
+    return x.reshape(*shape)
+
+
+def lora_delta_weight(lora_A: Any, lora_B: Any, scaling: float, base_shape: tuple[int, ...] | None = None,
+                      fan_in_fan_out: bool = False) -> Any:
+    """``s * B @ A`` shaped like the base weight.
+
+    lora_A: Linear ``[r, in]`` / Conv ``[r, in, *k]``; lora_B: ``[out, r]`` / ``[out, r, 1..]``.
+    ``base_shape`` gives conv kernels their shape back; ``fan_in_fan_out`` (GPT-2 Conv1D,
+    weight ``[in, out]``) returns the transpose.
+    """
+    out_features, rank = lora_B.shape[0], lora_B.shape[1]
+    delta = _reshape(lora_B, out_features, rank) @ _reshape(lora_A, rank, -1)
+    if base_shape is not None and len(base_shape) > 2:
+        delta = _reshape(delta, *base_shape)
+    delta = delta * scaling
+    return delta.T if fan_in_fan_out else delta
+
+
+def lora_embedding_delta_weight(lora_embedding_A: Any, lora_embedding_B: Any, scaling: float) -> Any:
+    """Embedding LoRA: A ``[r, num_embeddings]``, B ``[dim, r]`` -> ``[num_embeddings, dim]``."""
+    return (lora_embedding_B @ lora_embedding_A).T * scaling
+
+
+def row_norm(weight: Any) -> Any:
+    """L2 norm of each output row of ``[out, in, ...]``, as a ``[out]`` vector."""
+    flat = weight.reshape(weight.shape[0], -1)
+    return ((flat * flat).sum(1)) ** 0.5
+
+
+def dora_weight(base_weight: Any, delta: Any, magnitude: Any) -> Any:
+    """DoRA's merged weight ``m / ||W + dW||_row * (W + dW)`` for ``W`` of shape ``[out, ...]``."""
+    updated = base_weight + delta
+    factor = magnitude / row_norm(updated)
+    return updated * factor.reshape(-1, *([1] * (len(updated.shape) - 1)))
+
+
+def dora_factor(base_weight: Any, delta: Any, magnitude: Any) -> Any:
+    """Per-output-channel factor ``m / ||W + dW||_row`` (``[out]``).
+
+    Unmerged DoRA is ``y = factor * (x W^T + s x A^T B^T) + bias``; the swappable ONNX form
+    precomputes this factor at convert time from the base weight.
+    """
+    return magnitude / row_norm(base_weight + delta)
