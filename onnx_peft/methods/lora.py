@@ -23,7 +23,7 @@ from ..config import AdapterConfig, register_config
 from ..errors import AdapterConfigError
 from ..targets import pattern_value
 
-_INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq")
+_INIT_CHOICES = ("gaussian", "pissa", "olora")
 
 
 @register_config

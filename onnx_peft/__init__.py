@@ -1,0 +1,45 @@
+"""onnx-peft: parameter-efficient adapters from PyTorch training to ONNX Runtime deployment.
+
+Importing this package does not import torch; torch features load on first use and say
+``pip install onnx-peft[torch]`` when PyTorch is missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .config import AdapterConfig
+from .errors import OnnxPeftError
+from .methods.lora import LoraConfig
+
+__version__ = "0.1.0"
+
+# public name -> (module, needs torch)
+_LAZY: dict[str, tuple[str, bool]] = {
+    "get_peft_model": ("onnx_peft.model", True),
+    "PeftModel": ("onnx_peft.model", True),
+    "export": ("onnx_peft.export", False),
+    "AdapterSession": ("onnx_peft.runtime", False),
+    "merge_adapters": ("onnx_peft.passes.merge_adapters", False),
+    "extract_adapters": ("onnx_peft.passes.extract_adapters", False),
+    "insert_adapters": ("onnx_peft.passes.insert_adapters", False),
+    "multi_adapter": ("onnx_peft.passes.multi_adapter", False),
+    "convert_adapters": ("onnx_peft.convert", False),
+    "train": ("onnx_peft.train", True),
+}
+
+__all__ = ["AdapterConfig", "LoraConfig", "OnnxPeftError", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'onnx_peft' has no attribute {name!r}")
+    module_name, needs_torch = _LAZY[name]
+    if needs_torch:
+        from .errors import require_torch
+
+        require_torch()
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value

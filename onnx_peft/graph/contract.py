@@ -1,0 +1,163 @@
+"""Slot naming and the compatibility contract between a model and its adapter files.
+
+A model with adapter slots records a JSON contract in its ``metadata_props`` under
+``CONTRACT_KEY``; every adapter file records the base ``fingerprint``. :func:`check_adapter`
+compares an adapter's tensors against the contract and raises
+:class:`IncompatibleAdapterError` at the first mismatch, so a bad adapter never reaches
+onnxruntime's "Invalid input name".
+
+Slot layout (MatMul-ready, as ``olive convert-adapters`` writes it)::
+
+    <module>.lora_A.weight   A^T        [in, r]      r symbolic ("lora_r")
+    <module>.lora_B.weight   (s * B)^T  [r, out]     scale folded in
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import IncompatibleAdapterError
+
+CONTRACT_KEY = "onnx_peft.contract"
+FINGERPRINT_KEY = "onnx_peft.fingerprint"
+PEFT_PREFIX = "base_model.model."
+RANK_DIM = "lora_r"
+CONTRACT_VERSION = 1
+
+
+def slot_name(module_path: str, tensor: str) -> str:
+    """``slot_name("model.layers.0.self_attn.q_proj", "lora_A.weight")``; PEFT key minus prefix."""
+    return f"{module_path}.{tensor}"
+
+
+def strip_peft_prefix(key: str) -> str:
+    """``base_model.model.model.layers.0...`` -> ``model.layers.0...``."""
+    return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One adapter tensor the model accepts. ``shape`` holds ints and symbolic dim names."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+    module: str
+    method: str = "lora"
+
+    def fits(self, shape: Iterable[int]) -> bool:
+        shape = tuple(shape)
+        return len(shape) == len(self.shape) and all(
+            isinstance(want, str) or want == got for want, got in zip(self.shape, shape)
+        )
+
+
+@dataclass
+class Contract:
+    """Which slots a model has and which base weights it was built on."""
+
+    slots: list[Slot] = field(default_factory=list)
+    fingerprint: str = ""
+    version: int = CONTRACT_VERSION
+
+    def slot_map(self) -> dict[str, Slot]:
+        return {slot.name: slot for slot in self.slots}
+
+    def to_json(self) -> str:
+        data = {"version": self.version, "fingerprint": self.fingerprint,
+                "slots": [{**asdict(s), "shape": list(s.shape)} for s in self.slots]}
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Contract:
+        data = json.loads(text)
+        slots = [Slot(**{**s, "shape": tuple(s["shape"])}) for s in data.get("slots", [])]
+        return cls(slots=slots, fingerprint=data.get("fingerprint", ""),
+                   version=int(data.get("version", CONTRACT_VERSION)))
+
+
+def read_contract(metadata_props: Mapping[str, str]) -> Contract | None:
+    """The contract stored in a model's metadata_props, or None if it has none."""
+    text = metadata_props.get(CONTRACT_KEY)
+    return Contract.from_json(text) if text else None
+
+
+def write_contract(metadata_props: dict[str, str], contract: Contract) -> None:
+    metadata_props[CONTRACT_KEY] = contract.to_json()
+
+
+_SAMPLES_PER_WEIGHT = 64
+
+
+def weight_fingerprint(weights: Mapping[str, Any]) -> str:
+    """A short hash of base weights, reading only a few values of each.
+
+    ``weights`` maps module path -> array-like in ``[out, in]`` orientation (a memory-mapped
+    ``ExternalTensor.numpy()`` is fine: only ``_SAMPLES_PER_WEIGHT`` elements are touched).
+    The same weights give the same fingerprint whatever the graph layout, as long as callers
+    pass them in ``[out, in]`` orientation.
+    """
+    digest = hashlib.sha256()
+    for module in sorted(weights):
+        array = weights[module]
+        shape = tuple(int(d) for d in array.shape)
+        digest.update(f"{module}|{shape}|".encode())
+        rows = np.random.default_rng(len(module)).integers(0, shape[0], _SAMPLES_PER_WEIGHT)
+        cols = np.random.default_rng(sum(shape)).integers(0, int(np.prod(shape[1:])), _SAMPLES_PER_WEIGHT)
+        flat = array.reshape(shape[0], -1)
+        digest.update(np.asarray(flat[rows, cols], dtype=np.float32).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def check_adapter(contract: Contract, tensors: Mapping[str, tuple[tuple[int, ...], str]],
+                  fingerprint: str | None = None, source: str = "adapter") -> None:
+    """Raise IncompatibleAdapterError at the first way ``tensors`` do not fit ``contract``.
+
+    ``tensors`` maps slot name -> (shape, numpy dtype name). A missing fingerprint (a plain
+    PEFT dir) skips the base-model check; a different one fails it.
+    """
+    if fingerprint and contract.fingerprint and fingerprint != contract.fingerprint:
+        raise IncompatibleAdapterError(
+            f"{source} was made for another base model (fingerprint {fingerprint} != model's "
+            f"{contract.fingerprint}); convert the PEFT adapter again against this model"
+        )
+    slots = contract.slot_map()
+    for name in tensors:
+        if name not in slots:
+            raise IncompatibleAdapterError(
+                f"{source}: tensor {name!r} matches no slot of the model "
+                f"(the model has {len(slots)} slots, e.g. {next(iter(slots), 'none')!r})"
+            )
+    by_module: dict[str, list[Slot]] = {}
+    for slot in contract.slots:
+        by_module.setdefault(slot.module, []).append(slot)
+    adapted = {slots[name].module for name in tensors}
+    for module in sorted(adapted):
+        for slot in by_module[module]:
+            if slot.name not in tensors:
+                raise IncompatibleAdapterError(f"{source}: missing tensor {slot.name!r} for module {module}")
+    ranks: dict[str, int] = {}
+    for name, (shape, dtype) in tensors.items():
+        slot = slots[name]
+        if np.dtype(dtype).name != np.dtype(slot.dtype).name:
+            raise IncompatibleAdapterError(
+                f"{source}: tensor {name!r} has dtype {np.dtype(dtype).name}, the model expects {slot.dtype}; "
+                "convert the adapter with the model's dtype"
+            )
+        if not slot.fits(shape):
+            raise IncompatibleAdapterError(
+                f"{source}: tensor {name!r} has shape {list(shape)}, the model expects {list(slot.shape)}"
+            )
+        for want, got in zip(slot.shape, shape):
+            if isinstance(want, str):
+                key = f"{slot.module}:{want}"
+                if ranks.setdefault(key, got) != got:
+                    raise IncompatibleAdapterError(
+                        f"{source}: {name!r} has {want}={got} but another tensor of {slot.module} has {ranks[key]}"
+                    )

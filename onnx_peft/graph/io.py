@@ -1,0 +1,192 @@
+"""Load and save ONNX models safely and without holding all weights in memory.
+
+Why this module exists: every pass reads a model and writes another, and the files are big
+(> 2 GB) and come from strangers. So:
+
+* :func:`load_model` keeps external weights lazy (``ir.ExternalTensor`` memory-maps a tensor on
+  its first ``.numpy()``) and refuses external-data locations that leave the model's folder
+  (``..``, absolute paths, symlinks) or point past the end of their file.
+* :func:`save_model` writes into a temporary folder next to the output and renames the finished
+  files into place, so a failure (disk full, a bad tensor) leaves no partial output; it refuses
+  to overwrite the model it was loaded from. ``ir.save`` streams tensors one at a time, which
+  is what makes ``LazyTensor`` merged weights cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import onnx_ir as ir
+
+from ..errors import ModelFileError, UnsafePathError
+
+_TWO_GB = 2**31
+# Models whose tensors add up to more than this are always saved with external data.
+AUTO_EXTERNAL_BYTES = 1 << 30
+
+# model object -> the file it was loaded from (so save_model can refuse to overwrite it)
+_SOURCES: weakref.WeakKeyDictionary[ir.Model, Path] = weakref.WeakKeyDictionary()
+
+
+def iter_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    """All tensors of ``model``: initializers and Constant/attribute tensors, subgraphs included."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                yield value.const_value
+        for node in graph:
+            for attr in node.attributes.values():
+                if attr.is_ref():
+                    continue
+                if attr.type == ir.AttributeType.TENSOR and attr.value is not None:
+                    yield attr.value
+                elif attr.type == ir.AttributeType.TENSORS and attr.value is not None:
+                    yield from attr.value
+
+
+def source_path(model: ir.Model) -> Path | None:
+    """The file ``model`` was loaded from by :func:`load_model`, if any."""
+    return _SOURCES.get(model)
+
+
+def _check_external(tensor: ir.ExternalTensor, model_path: Path) -> None:
+    """Refuse a location that escapes the model folder, is a symlink, or is too short."""
+    location = str(tensor.location)
+    folder = model_path.parent.resolve()
+    parts = Path(location.replace("\\", "/")).parts
+    if os.path.isabs(location) or Path(location).is_absolute() or location.startswith(("/", "\\")) \
+            or (len(location) > 1 and location[1] == ":") or ".." in parts:
+        raise UnsafePathError(
+            f"{model_path}: tensor {tensor.name!r} stores its data at {location!r}, outside the "
+            "model's folder; external data must be a relative path inside that folder"
+        )
+    data_path = folder / location
+    probe = folder
+    for part in parts:
+        probe = probe / part
+        if probe.is_symlink():
+            raise UnsafePathError(
+                f"{model_path}: external data {location!r} of tensor {tensor.name!r} is a symlink "
+                f"({probe}); copy the real file next to the model instead"
+            )
+    if not data_path.is_file():
+        raise ModelFileError(
+            f"{model_path}: external data file {location!r} of tensor {tensor.name!r} is missing; "
+            "copy it next to the model"
+        )
+    need = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+    if data_path.stat().st_size < need:
+        raise ModelFileError(
+            f"{model_path}: external data file {location!r} is truncated: tensor {tensor.name!r} "
+            f"needs bytes up to {need}, the file has {data_path.stat().st_size}; re-export the model"
+        )
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Read an ONNX model; external weights stay on disk until a pass reads them.
+
+    Raises ModelFileError (missing, unreadable, corrupt or truncated file, missing external
+    data) and UnsafePathError (external data outside the model's folder).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such ONNX model file; check the path")
+    try:
+        model = ir.load(path)
+    except Exception as exc:  # protobuf DecodeError, OSError, ...
+        raise ModelFileError(
+            f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc}); the file is corrupt "
+            "or truncated, export it again"
+        ) from exc
+    if model.graph is None or (len(model.graph) == 0 and not model.graph.outputs):
+        raise ModelFileError(f"{path}: the file holds no ONNX graph (corrupt or not an ONNX model)")
+    for tensor in iter_tensors(model):
+        if isinstance(tensor, ir.ExternalTensor):
+            _check_external(tensor, path)
+    _SOURCES[model] = path.resolve()
+    return model
+
+
+def _total_bytes(model: ir.Model) -> int:
+    total = 0
+    for tensor in iter_tensors(model):
+        try:
+            total += int(tensor.nbytes)
+        except Exception:  # unknown size: count nothing, "auto" then decides on the rest
+            pass
+    return total
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _refuse_overwriting_inputs(model: ir.Model, path: Path, data_name: str) -> None:
+    targets = [path.resolve(), (path.parent / data_name).resolve()]
+    source = source_path(model)
+    if source is not None and (source == targets[0] or _same_file(source, targets[0])):
+        raise UnsafePathError(
+            f"{path}: the output would overwrite the model it was loaded from; choose another output path"
+        )
+    for tensor in iter_tensors(model):
+        if isinstance(tensor, ir.ExternalTensor):
+            data = Path(tensor.path).resolve()
+            if any(data == t or _same_file(data, t) for t in targets):
+                raise UnsafePathError(
+                    f"{path}: writing it would overwrite {data}, which holds weights of the model "
+                    "being saved; choose another output path"
+                )
+
+
+def save_model(model: ir.Model, path: str | os.PathLike,
+               external_data: bool | Literal["auto"] = "auto") -> Path:
+    """Write ``model`` to ``path`` (and ``<name>.data`` next to it) atomically.
+
+    ``external_data``: True always writes the weights to ``<file name>.data``; False keeps them
+    inside the .onnx file (refused above 2 GB); "auto" uses external data when the input had
+    any or the weights exceed 1 GB. Tensors are written one at a time, so lazy tensors are
+    computed one by one. Returns the path written.
+    """
+    path = Path(path)
+    data_name = path.name + ".data"
+    _refuse_overwriting_inputs(model, path, data_name)
+    if not path.parent.is_dir():
+        raise ModelFileError(f"{path}: output folder {path.parent} does not exist; create it first")
+    total = _total_bytes(model)
+    if external_data == "auto":
+        has_external = any(isinstance(t, ir.ExternalTensor) for t in iter_tensors(model))
+        external_data = has_external or total > AUTO_EXTERNAL_BYTES
+    if not external_data and total >= _TWO_GB:
+        raise ModelFileError(
+            f"{path}: the weights take {total} bytes, over protobuf's 2 GB limit; save with external data"
+        )
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        tmp_model = tmp_dir / path.name
+        if external_data:
+            ir.save(model, tmp_model, external_data=data_name)
+        else:
+            ir.save(model, tmp_model)
+        tmp_data = tmp_dir / data_name
+        if tmp_data.exists():
+            os.replace(tmp_data, path.parent / data_name)
+        elif (path.parent / data_name).exists() and not external_data:
+            # a stale .data from an earlier save would be mistaken for this model's
+            os.remove(path.parent / data_name)
+        os.replace(tmp_model, path)
+    except UnsafePathError:
+        raise
+    except Exception as exc:
+        raise ModelFileError(f"{path}: could not write the model ({type(exc).__name__}: {exc})") from exc
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path

@@ -1,0 +1,385 @@
+"""get_peft_model / PeftModel: inject adapters into a PyTorch model and manage them.
+
+Same names and behaviour as Hugging Face PEFT, so a PEFT user changes only the import. The
+module tree also matches PEFT's (``base_model.model.<path>.lora_A.default.weight``), which
+keeps state dicts, exported node names and checkpoints interchangeable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import load_adapter_weights, save_adapter_dir
+from .config import AdapterConfig
+from .errors import AdapterConfigError, CheckpointError, OnnxPeftError
+from .methods.lora import LoraConfig
+from .targets import is_target
+from .tuners.base import AdapterLayer, ModulesToSaveWrapper
+from .tuners.lora import LoraLayer, add_lora_adapter, make_lora_layer
+
+# The per-adapter containers whose state-dict keys carry the adapter name; PEFT drops it.
+_ADAPTER_ATTRS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                  "modules_to_save")
+_SEQ_CLS_HEADS = ["classifier", "score"]
+
+
+def peft_key(param_name: str, adapter_name: str) -> str:
+    """Our parameter name -> the key PEFT stores it under (adapter name removed).
+
+    ``base_model.model.q.lora_A.default.weight`` -> ``base_model.model.q.lora_A.weight``;
+    ``...lora_magnitude_vector.default.weight`` -> ``...lora_magnitude_vector``;
+    ``...score.modules_to_save.default.weight`` -> ``...score.weight``.
+    """
+    key = param_name.replace(f".lora_magnitude_vector.{adapter_name}.weight", ".lora_magnitude_vector")
+    key = key.replace(f".modules_to_save.{adapter_name}.", ".")
+    for attr in _ADAPTER_ATTRS:
+        key = key.replace(f".{attr}.{adapter_name}.", f".{attr}.")
+        if key.endswith(f".{attr}.{adapter_name}"):
+            key = key[: -len(adapter_name) - 1]
+    return key
+
+
+def _linear_module_names(model: nn.Module) -> list[str]:
+    """Last-name components of every Linear/Conv1D except the output head ("all-linear")."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = set()
+    for name, module in model.named_modules():
+        if module is output or not name:
+            continue
+        if isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf")):
+            names.add(name.split(".")[-1])
+    if output is not None:
+        for name, module in model.named_modules():
+            if module is output:
+                names.discard(name.split(".")[-1])
+    return sorted(names)
+
+
+class AdapterModel(nn.Module):
+    """``PeftModel.base_model``: holds the wrapped model as ``.model`` (PEFT's naming)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+class PeftModel(nn.Module):
+    """A model with named adapters; forwards calls to the wrapped model."""
+
+    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = AdapterModel(model)
+        self.peft_config: dict[str, AdapterConfig] = {}
+        self.active_adapters: list[str] = []
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    # -- attribute passthrough -------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model.model, name)
+
+    @property
+    def active_adapter(self) -> str:
+        return self.active_adapters[0] if self.active_adapters else ""
+
+    def forward(self, *args, **kwargs):
+        return self.base_model.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.model.generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def _layers(self) -> Iterator[tuple[str, nn.Module]]:
+        for name, module in self.base_model.model.named_modules():
+            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+                yield name, module
+
+    # -- creating adapters -----------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, peft_config: AdapterConfig) -> None:
+        """Inject a new adapter (inactive unless it is the first)."""
+        if adapter_name in self.peft_config:
+            raise AdapterConfigError(f"adapter {adapter_name!r} already exists; delete it or pick another name")
+        if not isinstance(peft_config, LoraConfig):
+            raise AdapterConfigError(f"{type(peft_config).__name__} has no PyTorch tuner in onnx-peft yet")
+        config = dataclasses.replace(peft_config)
+        model = self.base_model.model
+        if config.target_modules == "all-linear":
+            config.target_modules = _linear_module_names(model)
+        if config.target_modules is None:
+            raise AdapterConfigError("LoraConfig.target_modules is required (a list, a regex or 'all-linear')")
+        if config.task_type == "SEQ_CLS":
+            extra = [h for h in _SEQ_CLS_HEADS if h not in (config.modules_to_save or [])]
+            config.modules_to_save = list(config.modules_to_save or []) + extra
+        matched = self._inject(model, adapter_name, config)
+        if not matched:
+            self._remove_adapter_everywhere(adapter_name)
+            raise AdapterConfigError(
+                f"target modules {config.target_modules!r} matched no supported module of "
+                f"{type(model).__name__}; check the names with model.named_modules()"
+            )
+        self.peft_config[adapter_name] = config
+        self.set_adapter(self.active_adapters or [adapter_name])
+
+    def _inject(self, model: nn.Module, adapter_name: str, config: LoraConfig) -> int:
+        matched = 0
+        for key, module in list(model.named_modules()):
+            if not key or self._is_inside_tuner(model, key):
+                continue
+            wrap_save = config.modules_to_save and any(
+                key == name or key.endswith(f".{name}") for name in config.modules_to_save
+            )
+            if wrap_save:
+                wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
+                wrapper.add(adapter_name)
+                self._replace(model, key, wrapper)
+                continue
+            if not is_target(key, config):
+                continue
+            if isinstance(module, LoraLayer):
+                add_lora_adapter(module, adapter_name, config, key)
+            else:
+                self._replace(model, key, make_lora_layer(module, adapter_name, config, key))
+            matched += 1
+        return matched
+
+    @staticmethod
+    def _is_inside_tuner(model: nn.Module, key: str) -> bool:
+        parts = key.split(".")
+        module = model
+        for part in parts[:-1]:
+            module = getattr(module, part)
+            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+                return True
+        return False
+
+    @staticmethod
+    def _replace(model: nn.Module, key: str, new: nn.Module) -> None:
+        parent_name, _, child = key.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+
+    # -- activating ------------------------------------------------------------------------
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Activate one adapter, or several at once (their outputs add up)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            if name not in self.peft_config:
+                raise OnnxPeftError(f"unknown adapter {name!r}; loaded: {sorted(self.peft_config)}")
+        trainable = any(not self.peft_config[n].inference_mode for n in names)
+        self.active_adapters = names
+        self._update_trainable(names, trainable)
+
+    def _update_trainable(self, names: list[str], trainable: bool) -> None:
+        """Only the active adapters' tensors (and the biases their config names) train."""
+        for param in self.base_model.model.parameters():
+            param.requires_grad_(False)
+        for _, layer in self._layers():
+            layer.set_adapter(names, trainable=trainable)
+        if not trainable:
+            return
+        for name in names:
+            bias = self.peft_config[name].bias
+            if bias == "all":
+                for pname, param in self.base_model.model.named_parameters():
+                    if pname.endswith(".bias") or pname == "bias":
+                        param.requires_grad_(True)
+            elif bias == "lora_only":
+                for _, layer in self._layers():
+                    if isinstance(layer, LoraLayer) and name in layer.r and layer.bias is not None:
+                        layer.bias.requires_grad_(True)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the plain base model inside the ``with`` block."""
+        layers = [layer for _, layer in self._layers()]
+        for layer in layers:
+            layer.disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.disable_adapters = False
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise OnnxPeftError(f"unknown adapter {adapter_name!r}; loaded: {sorted(self.peft_config)}")
+        self._remove_adapter_everywhere(adapter_name)
+        del self.peft_config[adapter_name]
+        remaining = [n for n in self.active_adapters if n != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        self.active_adapters = remaining
+        if remaining:
+            self.set_adapter(remaining)
+
+    def _remove_adapter_everywhere(self, adapter_name: str) -> None:
+        for _, layer in self._layers():
+            layer.delete_adapter(adapter_name)
+
+    # -- merging / unloading ---------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        for _, layer in self._layers():
+            if isinstance(layer, AdapterLayer):
+                layer.merge(adapter_names or list(self.active_adapters), safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self._layers():
+            if isinstance(layer, AdapterLayer):
+                layer.unmerge()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """Fold adapters into the base weights and return the plain model."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return self._unload()
+
+    def unload(self) -> nn.Module:
+        """Remove all adapters without merging; return the plain base model."""
+        self.unmerge_adapter()
+        return self._unload()
+
+    def _unload(self) -> nn.Module:
+        model = self.base_model.model
+        for key, layer in list(self._layers()):
+            if self._is_inside_tuner(model, key):
+                continue
+            new = layer.base_layer if isinstance(layer, AdapterLayer) else layer.current()
+            self._replace(model, key, new)
+        self.peft_config = {}
+        return model
+
+    # -- weighted combination --------------------------------------------------------------
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             density: float | None = None, majority_sign_method: str = "total") -> None:
+        """A new adapter that combines ``adapters`` (see onnx_peft.tuners.weighted)."""
+        from .tuners.weighted import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
+                             svd_full_matrices, density, majority_sign_method)
+
+    # -- parameters ------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = total = 0
+        for param in self.parameters():
+            total += param.numel()
+            if param.requires_grad:
+                trainable += param.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The tensors of one adapter under PEFT's checkpoint keys."""
+        config = self.peft_config[adapter_name]
+        owned = {}
+        lora_biases = {f"base_model.model.{k}.base_layer.bias" for k, layer in self._layers()
+                       if isinstance(layer, LoraLayer) and adapter_name in layer.r}
+        for name, tensor in self.state_dict().items():
+            marker = any(f".{attr}.{adapter_name}" in name for attr in _ADAPTER_ATTRS)
+            if marker and (name.endswith(f".{adapter_name}") or f".{adapter_name}." in name):
+                owned[peft_key(name, adapter_name)] = tensor
+            elif config.bias == "all" and name.endswith(".bias") and not _is_adapter_param(name):
+                owned[name.replace(".original_module.", ".")] = tensor
+            elif config.bias == "lora_only" and name in lora_biases:
+                owned[name] = tensor
+        return owned
+
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
+                        **kwargs: Any) -> None:
+        """PEFT layout: the "default" adapter in ``save_directory``, others in subfolders."""
+        for name in selected_adapters or list(self.peft_config):
+            if name not in self.peft_config:
+                raise OnnxPeftError(f"unknown adapter {name!r}; loaded: {sorted(self.peft_config)}")
+            target = Path(save_directory) if name == "default" else Path(save_directory) / name
+            config = dataclasses.replace(self.peft_config[name], inference_mode=True)
+            if config.base_model_name_or_path is None:
+                model_config = getattr(self.base_model.model, "config", None)
+                config.base_model_name_or_path = getattr(model_config, "_name_or_path", None) or None
+            save_adapter_dir(target, config, self.adapter_state_dict(name))
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, config: AdapterConfig | None = None,
+                        allow_pickle: bool = False, **kwargs: Any) -> PeftModel:
+        """Wrap ``model`` and load the PEFT adapter directory ``model_id`` into it."""
+        config = config or AdapterConfig.from_pretrained(model_id)
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        fresh = dataclasses.replace(config, init_lora_weights=True)  # never re-run PiSSA/OLoRA on load
+        peft_model = cls(model, fresh, adapter_name)
+        peft_model.peft_config[adapter_name].init_lora_weights = config.init_lora_weights
+        peft_model._load_weights(model_id, adapter_name, allow_pickle)
+        peft_model.set_adapter(adapter_name)
+        return peft_model
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     allow_pickle: bool = False, **kwargs: Any) -> None:
+        """Load another PEFT adapter directory next to the existing ones (not activated)."""
+        config = AdapterConfig.from_pretrained(model_id)
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        self.add_adapter(adapter_name, dataclasses.replace(config, init_lora_weights=True))
+        self.peft_config[adapter_name].init_lora_weights = config.init_lora_weights
+        try:
+            self._load_weights(model_id, adapter_name, allow_pickle)
+        except OnnxPeftError:
+            self.delete_adapter(adapter_name)
+            raise
+        self.set_adapter(self.active_adapters)
+
+    def _load_weights(self, model_id: str | os.PathLike, adapter_name: str, allow_pickle: bool) -> None:
+        """Copy checkpoint tensors into the adapter; every key must land, every shape must fit."""
+        tensors = load_adapter_weights(model_id, allow_pickle=allow_pickle)
+        state = self.state_dict(keep_vars=True)
+        expected = self.adapter_state_dict(adapter_name)
+        ours = {peft_key(name, adapter_name): name for name in state}
+        for key, value in tensors.items():
+            if key not in expected and key not in ours:
+                raise CheckpointError(
+                    f"{model_id}: key {key!r} matches no module of this model; the adapter was trained "
+                    "for another architecture or with other target_modules"
+                )
+            param = state[ours[key]]
+            if tuple(param.shape) != tuple(value.shape):
+                raise CheckpointError(
+                    f"{model_id}: tensor {key!r} has shape {list(value.shape)}, the model expects "
+                    f"{list(param.shape)}; is the adapter for another base model?"
+                )
+        missing = [k for k in expected if k not in tensors and ".bias" not in k]
+        if missing:
+            raise CheckpointError(f"{model_id}: checkpoint lacks tensor {missing[0]!r} ({len(missing)} missing)")
+        with torch.no_grad():
+            for key, value in tensors.items():
+                param = state[ours[key]]
+                param.copy_(torch.from_numpy(value.astype(value.dtype, copy=True)).to(param.dtype))
+
+
+def _is_adapter_param(name: str) -> bool:
+    return any(f".{attr}." in name for attr in _ADAPTER_ATTRS)
+
+
+def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default",
+                   **kwargs: Any) -> PeftModel:
+    """Wrap ``model`` with a new trainable adapter, like ``peft.get_peft_model``."""
+    return PeftModel(model, peft_config, adapter_name)

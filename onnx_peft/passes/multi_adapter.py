@@ -1,0 +1,179 @@
+"""MultiAdapter: one adapter per batch row, in standard ONNX ops stock ONNX Runtime runs.
+
+Each adapter site of a slot model ``y = x W + (x A_slot) B_slot`` becomes a per-row branch::
+
+    adapter_ids [batch] int64                         (0 = no adapter)
+    A_row = Gather(<module>.lora_A.bank [N, in, r], adapter_ids)    -> [batch, in, r]
+    B_row = Gather(<module>.lora_B.bank [N, r, out], adapter_ids)   -> [batch, r, out]
+    y = x W + MatMul(MatMul(x [batch, seq, in], A_row), B_row)      -> [batch, seq, out]
+
+Banks hold every loaded adapter at its own row (scale folded into B as in the slots, smaller
+ranks padded with zeros, which adds exact zeros), so each row's output equals running that row
+alone with its adapter. The banks are optional inputs defaulting to ``[1, in, 0]`` zeros, so the
+model runs as the base with ``adapter_ids`` all 0 and nothing else. ``AdapterSession`` builds
+and refreshes the banks from its loaded adapters without re-creating the ORT session.
+
+The model keeps its adapter-facing contract (the slots adapter files must fit) and records the
+bank layout under ``metadata_props["onnx_peft.multi_adapter"]`` (see ``runtime.MultiLayout``).
+Inputs of rank 2 (``[batch, in]``) are unsqueezed to ``[batch, 1, in]``; rank k > 3 gets the
+gathered banks unsqueezed to rank k. Needs only onnx_ir and numpy.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from ..errors import NoAdapterSitesError, OnnxPeftError
+from ..graph.contract import read_contract
+from ..runtime import MULTI_ADAPTER_KEY, BankEntry, MultiLayout
+
+A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+BANK_ROWS = "num_adapters"
+BANK_RANK = "lora_r"
+
+
+def _const(graph: ir.Graph, name: str, values: list[int]) -> ir.Value:
+    if name in graph.initializers:
+        return graph.initializers[name]
+    value = ir.Value(name=name, const_value=ir.tensor(np.array(values, dtype=np.int64), name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _b_node_of(a_node: ir.Node, b_slot: ir.Value) -> ir.Node:
+    """The MatMul that takes B_slot and (through scalar Mul/Identity/Cast) A's output."""
+    frontier, seen = [a_node.outputs[0]], set()
+    while frontier:
+        value = frontier.pop()
+        for user, _ in value.uses():
+            if id(user) in seen:
+                continue
+            seen.add(id(user))
+            if user.op_type == "MatMul" and user.inputs[1] is b_slot:
+                return user
+            if user.op_type in ("Mul", "Div", "Identity", "Cast", "Dropout"):
+                frontier.append(user.outputs[0])
+    raise NoAdapterSitesError(f"{a_node.name or a_node.op_type}: its lora_A MatMul does not lead to {b_slot.name}")
+
+
+class MultiAdapterPass(ir.passes.InPlacePass):
+    """Replace every slot pair (lora_A/lora_B inputs) by banks gathered per row.
+
+    ``ids_input``: name of the ``[batch]`` int64 input of row adapter ids (0 = no adapter).
+    """
+
+    def __init__(self, ids_input: str = "adapter_ids"):
+        super().__init__()
+        self.ids_input = ids_input
+
+    def requires(self, model: ir.Model) -> None:
+        if MULTI_ADAPTER_KEY in model.metadata_props:
+            raise OnnxPeftError("the model is already a MultiAdapter model")
+        contract = read_contract(model.metadata_props)
+        if contract is None or not contract.slots:
+            raise NoAdapterSitesError("the model has no adapter slots (no onnx-peft contract); run "
+                                      "`onnx-peft extract` or `onnx-peft insert` first")
+        other = [s for s in contract.slots if not s.name.endswith((A_SUFFIX, B_SUFFIX))]
+        if other:
+            raise OnnxPeftError(f"slot {other[0].name!r} ({other[0].method}) has no per-row form; "
+                                "MultiAdapter supports LoRA slots (merge DoRA adapters instead)")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        contract = read_contract(model.metadata_props)
+        inputs = {v.name: v for v in graph.inputs}
+        slot_names = {s.name for s in contract.slots}
+        batch_input = next((v.name for v in graph.inputs if v.name not in slot_names), "")
+        ids = ir.Value(name=self.ids_input, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch"]))
+        layout = MultiLayout(ids_input=self.ids_input, batch_input=batch_input)
+        slots = contract.slot_map()
+        for a_slot in [s for s in contract.slots if s.name.endswith(A_SUFFIX)]:
+            b_name = a_slot.name[: -len(A_SUFFIX)] + B_SUFFIX
+            a_value, b_value = inputs.get(a_slot.name), inputs.get(b_name)
+            if a_value is None or b_value is None or b_name not in slots:
+                raise NoAdapterSitesError(f"slot pair {a_slot.name} / {b_name} is not a pair of graph inputs")
+            d_in, d_out = a_slot.shape[0], slots[b_name].shape[-1]
+            if not isinstance(d_in, int) or not isinstance(d_out, int):
+                raise OnnxPeftError(f"slot {a_slot.name}: in/out sizes must be fixed, got {a_slot.shape} / {slots[b_name].shape}")
+            dtype = a_value.dtype
+            np_dtype = dtype.numpy()
+            banks = {}
+            for kind, slot_value, shape, default in [
+                ("A", a_value, [BANK_ROWS, d_in, BANK_RANK], (1, d_in, 0)),
+                ("B", b_value, [BANK_ROWS, BANK_RANK, d_out], (1, 0, d_out)),
+            ]:
+                bank_name = slot_value.name[: -len(".weight")] + ".bank"
+                bank = ir.Value(name=bank_name, type=ir.TensorType(dtype), shape=ir.Shape(shape),
+                                const_value=ir.tensor(np.zeros(default, np_dtype), name=bank_name))
+                banks[kind] = bank
+                layout.banks.append(BankEntry(slot_value.name, bank_name, kind, a_slot.module, (d_in, d_out), np_dtype.name))
+            a_nodes = [user for user, index in a_value.uses() if user.op_type == "MatMul" and index == 1]
+            if not a_nodes:
+                raise NoAdapterSitesError(f"slot {a_slot.name} feeds no MatMul as its right operand")
+            for a_node in a_nodes:
+                self._rewire(graph, a_node, _b_node_of(a_node, b_value), ids, banks, a_slot.module)
+            for slot_value, bank in [(a_value, banks["A"]), (b_value, banks["B"])]:
+                if slot_value.uses():
+                    raise OnnxPeftError(f"slot {slot_value.name} has uses besides its adapter MatMuls")
+                graph.inputs.remove(slot_value)
+                graph.initializers.pop(slot_value.name, None)
+                graph.inputs.append(bank)
+                graph.register_initializer(bank)
+        graph.inputs.append(ids)
+        model.metadata_props[MULTI_ADAPTER_KEY] = layout.to_json()
+        return ir.passes.PassResult(model, modified=True)
+
+    def _rewire(self, graph: ir.Graph, a_node: ir.Node, b_node: ir.Node, ids: ir.Value,
+                banks: dict[str, ir.Value], module: str) -> None:
+        x = a_node.inputs[0]
+        rank = len(x.shape) if x.shape is not None else None
+        if rank is None or rank < 2:
+            raise OnnxPeftError(f"module {module}: the adapter input {x.name!r} has unknown rank; "
+                                "run shape inference (onnx.shape_inference) on the model first")
+        new: list[ir.Node] = []
+        gathered = {}
+        for kind, node in [("A", a_node), ("B", b_node)]:
+            gather = ir.node("Gather", [banks[kind], ids], {"axis": 0}, name=f"{banks[kind].name}/Gather")
+            new.append(gather)
+            row = gather.outputs[0]
+            row.name = f"{banks[kind].name}/rows"
+            if rank > 3:
+                axes = _const(graph, f"multi_adapter/axes_1_to_{rank - 3}", list(range(1, rank - 2)))
+                unsqueeze = ir.node("Unsqueeze", [row, axes], name=f"{banks[kind].name}/Unsqueeze")
+                new.append(unsqueeze)
+                row = unsqueeze.outputs[0]
+            gathered[kind] = row
+        graph.insert_before(a_node, new)
+        if rank == 2:  # [batch, in] -> [batch, 1, in] ... [batch, 1, out] -> [batch, out]
+            axis = _const(graph, "multi_adapter/axis_1", [1])
+            up = ir.node("Unsqueeze", [x, axis], name=f"{module}/multi_adapter/Unsqueeze")
+            graph.insert_before(a_node, up)
+            a_node.replace_input_with(0, up.outputs[0])
+            out = b_node.outputs[0]
+            down_out = ir.Value(name=f"{module}/multi_adapter/squeezed", type=out.type, shape=out.shape)
+            out.shape = None
+            out.replace_all_uses_with(down_out)
+            down = ir.node("Squeeze", [out, axis], outputs=[down_out], name=f"{module}/multi_adapter/Squeeze")
+            graph.insert_after(b_node, down)
+        else:
+            for node in (a_node, b_node):
+                for value in node.outputs:
+                    value.shape = None  # batch dims change meaning; let ORT infer them
+        a_node.replace_input_with(1, gathered["A"])
+        b_node.replace_input_with(1, gathered["B"])
+
+
+def multi_adapter(model_path: str | os.PathLike, output_dir: str | os.PathLike,
+                  ids_input: str = "adapter_ids") -> Path:
+    """Write ``output_dir/model.onnx``: the slot model at ``model_path`` with per-row banks."""
+    from ..graph.io import load_model, save_model
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model = load_model(model_path)
+    MultiAdapterPass(ids_input)(model)
+    return save_model(model, output_dir / "model.onnx")

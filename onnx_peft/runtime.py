@@ -1,0 +1,506 @@
+"""AdapterSession: one ONNX Runtime session, many adapters, swapped per run or mixed per row.
+
+A model with adapter slots (optional inputs ``<module>.lora_A.weight`` = A^T ``[in, r]`` and
+``<module>.lora_B.weight`` = (s B)^T ``[r, out]`` with zero-rank defaults) runs as the base when
+no slot is fed. Loading an adapter checks it against the model's contract and turns its tensors
+into OrtValues on the session's device once; ``run(..., adapter="name")`` then feeds those
+OrtValues, so switching adapters copies nothing.
+
+On a model built by the MultiAdapter pass the slots are replaced by banks
+``A [N, in, r_max]``, ``B [N, r_max, out]`` and an ``adapter_ids [batch]`` input (0 = no
+adapter). The session builds the banks from the loaded adapters (again once per load/unload,
+as immutable snapshots) and ``run(..., adapter=["a", None, "b"])`` feeds one id per row.
+
+Thread safety: ``run`` takes a reference on each adapter it uses; ``unload_adapter`` refuses new
+runs of that adapter, waits for the ones in flight (or fails after ``timeout``), then drops it.
+Bank snapshots are never changed in place, so a run always sees the banks and ids it started
+with: never another adapter's output.
+
+This module needs only numpy and onnxruntime (no torch).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import (
+    CheckpointError,
+    IncompatibleAdapterError,
+    ModelFileError,
+    OnnxPeftError,
+    RuntimeSessionError,
+    require_onnxruntime,
+)
+from .graph.contract import CONTRACT_KEY, RANK_DIM, Contract, Slot, check_adapter, read_contract
+
+logger = logging.getLogger(__name__)
+
+MULTI_ADAPTER_KEY = "onnx_peft.multi_adapter"
+"""metadata_props key of a MultiAdapter model: JSON ``{"ids_input", "batch_input", "banks"}``."""
+
+_ORT_TO_NUMPY = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+_SLOT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+
+def _numpy_dtype(ort_type: str) -> np.dtype | None:
+    if ort_type == "tensor(bfloat16)":
+        try:
+            import ml_dtypes
+
+            return np.dtype(ml_dtypes.bfloat16)
+        except ImportError:  # pragma: no cover
+            return None
+    found = _ORT_TO_NUMPY.get(ort_type)
+    return np.dtype(found) if found is not None else None
+
+
+@dataclass
+class _InputSpec:
+    name: str
+    dtype: np.dtype | None
+    shape: tuple[int | str | None, ...]
+    required: bool
+
+
+@dataclass
+class _Loaded:
+    """One loaded adapter: host arrays (bank building) and device OrtValues (direct feeds)."""
+
+    name: str
+    source: str
+    arrays: dict[str, np.ndarray]
+    values: dict[str, Any]
+    ranks: dict[str, int]
+    row: int = 0  # bank row on MultiAdapter models; stable while loaded
+    in_use: int = 0
+    unloading: bool = False
+
+
+@dataclass(frozen=True)
+class BankEntry:
+    """One bank input of a MultiAdapter model and the slot it stands for."""
+
+    slot: str       # e.g. "model.layers.0.mlp.up_proj.lora_A.weight"
+    bank: str       # e.g. "model.layers.0.mlp.up_proj.lora_A.bank"
+    kind: str       # "A": [N, in, r] or "B": [N, r, out]
+    module: str
+    dims: tuple[int, int]  # (in, out) of the site
+    dtype: str
+
+
+@dataclass
+class MultiLayout:
+    """What the MultiAdapter pass records in ``metadata_props[MULTI_ADAPTER_KEY]``."""
+
+    ids_input: str = "adapter_ids"
+    batch_input: str = ""
+    banks: list[BankEntry] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        import json
+
+        return json.dumps({"version": 1, "ids_input": self.ids_input, "batch_input": self.batch_input,
+                           "banks": [{**b.__dict__, "dims": list(b.dims)} for b in self.banks]},
+                          sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> MultiLayout:
+        import json
+
+        data = json.loads(text)
+        banks = [BankEntry(**{**b, "dims": tuple(b["dims"])}) for b in data.get("banks", [])]
+        return cls(ids_input=data.get("ids_input", "adapter_ids"),
+                   batch_input=data.get("batch_input", ""), banks=banks)
+
+
+@dataclass(frozen=True)
+class _Banks:
+    """An immutable snapshot: adapter name -> row id, and one OrtValue per bank input."""
+
+    ids: Mapping[str, int]
+    values: Mapping[str, Any]
+    size: int
+
+
+def _select_providers(ort: Any, providers: Sequence[Any] | None) -> list[Any]:
+    if providers is not None:
+        return list(providers)
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class AdapterSession:
+    """ONNX Runtime session over a model with adapter slots (or MultiAdapter banks).
+
+    >>> session = AdapterSession("deploy/model.onnx")
+    >>> session.load_adapter("sql", "deploy/adapters/sql.onnx_adapter")
+    >>> logits, = session.run(["logits"], {"input_ids": ids}, adapter="sql")
+    """
+
+    def __init__(self, model_path: str | os.PathLike, providers: Sequence[Any] | None = None,
+                 session_options: Any = None):
+        ort = require_onnxruntime()
+        self._ort = ort
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise ModelFileError(f"{self.model_path}: no such model file")
+        if session_options is None:
+            session_options = ort.SessionOptions()
+            session_options.log_severity_level = 3  # slot inputs with defaults warn on every load
+        wanted = _select_providers(ort, providers)
+        try:
+            self._session = ort.InferenceSession(str(self.model_path), sess_options=session_options,
+                                                 providers=wanted)
+        except Exception as exc:
+            if wanted[0] == "CUDAExecutionProvider" and providers is None:
+                logger.warning("CUDA session failed (%s); falling back to CPU", exc)
+                self._session = ort.InferenceSession(str(self.model_path), sess_options=session_options,
+                                                     providers=["CPUExecutionProvider"])
+            else:
+                raise ModelFileError(f"{self.model_path}: ONNX Runtime cannot load it ({exc})") from exc
+        self.provider = self._session.get_providers()[0]
+        self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        logger.info("AdapterSession: %s on %s", self.model_path.name, self.provider)
+
+        self._inputs: dict[str, _InputSpec] = {}
+        for meta, required in [(m, True) for m in self._session.get_inputs()] + [
+                (m, False) for m in self._session.get_overridable_initializers()]:
+            self._inputs[meta.name] = _InputSpec(meta.name, _numpy_dtype(meta.type),
+                                                 tuple(meta.shape or ()), required)
+        self.output_names = [o.name for o in self._session.get_outputs()]
+        metadata = dict(self._session.get_modelmeta().custom_metadata_map)
+        self.contract = read_contract(metadata) or self._contract_from_inputs()
+        self.layout = MultiLayout.from_json(metadata[MULTI_ADAPTER_KEY]) if MULTI_ADAPTER_KEY in metadata else None
+        self._slot_names = {s.name for s in self.contract.slots}
+        self._managed = set() if self.layout is None else {b.bank for b in self.layout.banks}
+        self._ids_input = self.layout.ids_input if self.layout is not None else None
+
+        self._lock = threading.Condition()
+        self._adapters: dict[str, _Loaded] = {}
+        self._banks: _Banks | None = None
+
+    # -- adapters ------------------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the loaded adapters, in load order."""
+        with self._lock:
+            return [name for name, a in self._adapters.items() if not a.unloading]
+
+    @property
+    def is_multi_adapter(self) -> bool:
+        return self.layout is not None
+
+    def load_adapter(self, name: str, source: str | os.PathLike | Mapping[str, np.ndarray]) -> None:
+        """Load a PEFT adapter dir, ``.onnx_adapter``, ``.safetensors``/``.npz`` file, or a dict of
+        MatMul-ready slot arrays, under ``name``. Checked against the model's contract first."""
+        if not isinstance(name, str) or not name:
+            raise RuntimeSessionError(f"adapter name must be a non-empty string, got {name!r}")
+        with self._lock:
+            if name in self._adapters:
+                raise RuntimeSessionError(f"adapter {name!r} is already loaded; unload_adapter({name!r}) first")
+        tensors, fingerprint, label = self._read_source(source)
+        check_adapter(self.contract, {k: (tuple(v.shape), v.dtype.name) for k, v in tensors.items()},
+                      fingerprint=fingerprint, source=label)
+        if not tensors:
+            raise IncompatibleAdapterError(f"{label}: holds no tensors")
+        slots = self.contract.slot_map()
+        arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+        ranks = {slots[k].module: int(v.shape[-1] if k.endswith(_SLOT_SUFFIXES[0]) else v.shape[0])
+                 for k, v in arrays.items() if k.endswith(_SLOT_SUFFIXES)}
+        values = {} if self.layout is not None else {k: self._to_device(v) for k, v in arrays.items()}
+        if self.layout is not None or self.device == "cpu":
+            keep = arrays  # banks are built from host arrays; on CPU the OrtValues share them
+        else:
+            keep = {}
+        loaded = _Loaded(name, label, keep, values, ranks)
+        with self._lock:
+            if name in self._adapters:
+                raise RuntimeSessionError(f"adapter {name!r} is already loaded; unload_adapter({name!r}) first")
+            used = {a.row for a in self._adapters.values()}
+            loaded.row = next(row for row in range(1, len(used) + 2) if row not in used)
+            adapters = {**self._adapters, name: loaded}
+            banks = self._build_banks(adapters) if self.layout is not None else None
+            self._adapters = adapters
+            self._banks = banks
+        logger.debug("loaded adapter %s from %s", name, label)
+
+    def unload_adapter(self, name: str, timeout: float | None = None) -> None:
+        """Drop adapter ``name``. Waits for runs using it (up to ``timeout`` seconds, None = no
+        limit); new runs of it are refused meanwhile. Raises RuntimeSessionError on timeout."""
+        with self._lock:
+            loaded = self._adapters.get(name)
+            if loaded is None or loaded.unloading:
+                raise RuntimeSessionError(self._unknown(name))
+            loaded.unloading = True
+            if not self._lock.wait_for(lambda: loaded.in_use == 0, timeout=timeout):
+                loaded.unloading = False
+                self._lock.notify_all()
+                raise RuntimeSessionError(
+                    f"adapter {name!r} is still used by {loaded.in_use} run(s) after {timeout}s; "
+                    "try again later or pass a longer timeout")
+            adapters = {k: v for k, v in self._adapters.items() if k != name}
+            self._banks = self._build_banks(adapters) if self.layout is not None else None
+            self._adapters = adapters
+
+    def _unknown(self, name: Any) -> str:
+        loaded = [n for n, a in self._adapters.items() if not a.unloading]
+        return f"no adapter named {name!r} is loaded (loaded: {', '.join(loaded) or 'none'}); call load_adapter first"
+
+    def _read_source(self, source: Any) -> tuple[dict[str, np.ndarray], str, str]:
+        if isinstance(source, Mapping):
+            return {k: np.asarray(v) for k, v in source.items()}, "", "adapter tensors"
+        path = Path(source)
+        if path.is_dir():
+            return self._read_peft_dir(path), "", str(path)
+        from .formats import load_adapter_file, resolve_fingerprint
+
+        try:
+            tensors, fingerprint = load_adapter_file(path)
+        except OnnxPeftError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot read adapter file ({exc})") from exc
+        return tensors, resolve_fingerprint(fingerprint, self.contract.fingerprint), str(path)
+
+    def _read_peft_dir(self, path: Path) -> dict[str, np.ndarray]:
+        """A PEFT adapter dir converted to this model's slots (A^T, (s B)^T, the model's dtype)."""
+        from .convert import _base_weight_reader, peft_to_slots
+        from .formats import read_peft_adapter
+
+        config, tensors = read_peft_adapter(path)
+        reader = None
+
+        def base_weight(module: str) -> np.ndarray:  # DoRA only: read the model lazily
+            nonlocal reader
+            if reader is None:
+                from .graph.io import load_model
+
+                reader = _base_weight_reader(load_model(self.model_path))
+            return reader(module)
+
+        dtype = self.contract.slots[0].dtype if self.contract.slots else "float32"
+        return peft_to_slots(config, tensors, dtype, base_weight, self.contract, source=str(path))
+
+    def _to_device(self, array: np.ndarray) -> Any:
+        if self.device == "cpu":
+            return self._ort.OrtValue.ortvalue_from_numpy(array)  # shares the numpy buffer
+        return self._ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0)
+
+    def _contract_from_inputs(self) -> Contract:
+        """Models without a recorded contract (e.g. Olive's): slots from input names."""
+        slots = []
+        for spec in self._inputs.values():
+            if spec.name.endswith(_SLOT_SUFFIXES) and spec.dtype is not None:
+                module = spec.name.rsplit(".", 2)[0]
+                shape = tuple(d if isinstance(d, int) else (d or RANK_DIM) for d in spec.shape)
+                slots.append(Slot(spec.name, spec.dtype.name, shape, module))
+        return Contract(slots=slots)
+
+    # -- banks ---------------------------------------------------------------------------------
+    def _build_banks(self, adapters: Mapping[str, _Loaded]) -> _Banks:
+        """Banks for ``adapters``: row 0 and free rows zeros, each adapter at its own row, ranks
+        padded with zeros. Built from scratch, so runs holding the previous snapshot are safe."""
+        assert self.layout is not None
+        order = list(adapters)
+        size = max([a.row for a in adapters.values()], default=0) + 1
+        values = {}
+        for entry in self.layout.banks:
+            r_max = max([adapters[n].ranks.get(entry.module, 0) for n in order], default=0)
+            d_in, d_out = entry.dims
+            shape = (size, d_in, r_max) if entry.kind == "A" else (size, r_max, d_out)
+            bank = np.zeros(shape, dtype=np.dtype(entry.dtype))
+            for name in order:
+                row, tensor = adapters[name].row, adapters[name].arrays.get(entry.slot)
+                if tensor is None:
+                    continue
+                if entry.kind == "A":
+                    bank[row, :, : tensor.shape[1]] = tensor
+                else:
+                    bank[row, : tensor.shape[0], :] = tensor
+            values[entry.bank] = self._to_device(bank)
+        return _Banks({name: adapters[name].row for name in order}, values, size)
+
+    @property
+    def adapter_ids(self) -> dict[str, int]:
+        """Bank row of each loaded adapter (MultiAdapter models), for feeding ids directly."""
+        with self._lock:
+            return {n: a.row for n, a in self._adapters.items() if not a.unloading}
+
+    # -- run -----------------------------------------------------------------------------------
+    @contextmanager
+    def _using(self, names: Sequence[str]) -> Iterator[tuple[list[_Loaded], _Banks | None]]:
+        with self._lock:
+            wanted = list(dict.fromkeys(names))
+            for name in wanted:
+                loaded = self._adapters.get(name)
+                if loaded is None or loaded.unloading:
+                    raise RuntimeSessionError(self._unknown(name))
+            taken = [self._adapters[n] for n in wanted]
+            for loaded in taken:
+                loaded.in_use += 1
+            banks = self._banks
+        try:
+            yield taken, banks
+        finally:
+            with self._lock:
+                for loaded in taken:
+                    loaded.in_use -= 1
+                self._lock.notify_all()
+
+    def _check_feeds(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(feeds, Mapping):
+            raise RuntimeSessionError(f"feeds must be a dict of input name -> array, got {type(feeds).__name__}")
+        checked: dict[str, Any] = {}
+        for name, value in feeds.items():
+            spec = self._inputs.get(name)
+            if spec is None or name in self._managed:
+                expected = [n for n, s in self._inputs.items() if s.required and n not in self._managed]
+                why = "is managed by the session (use adapter=...)" if name in self._managed else "is not an input of the model"
+                raise RuntimeSessionError(f"feed {name!r} {why}; the model takes {expected}")
+            if isinstance(value, self._ort.OrtValue):
+                dtype, shape = _numpy_dtype(value.data_type()), tuple(value.shape())
+            else:
+                if not isinstance(value, np.ndarray):
+                    value = np.asarray(value, dtype=spec.dtype)
+                dtype, shape = value.dtype, value.shape
+            if spec.dtype is not None and dtype != spec.dtype:
+                raise RuntimeSessionError(
+                    f"input {name!r} has dtype {dtype}, the model expects {spec.dtype}; cast it, "
+                    f"e.g. np.asarray(x, dtype=np.{spec.dtype.name})")
+            if spec.shape and (len(shape) != len(spec.shape) or any(
+                    isinstance(want, int) and want != got for want, got in zip(spec.shape, shape))):
+                raise RuntimeSessionError(
+                    f"input {name!r} has shape {list(shape)}, the model expects {list(spec.shape)}")
+            checked[name] = value
+        missing = [n for n, s in self._inputs.items() if s.required and n not in checked
+                   and n not in self._managed and n != self._ids_input]
+        if missing:
+            raise RuntimeSessionError(f"missing input(s) {missing}; the model takes "
+                                      f"{[n for n, s in self._inputs.items() if s.required and n not in self._managed]}")
+        return checked
+
+    def _batch_size(self, feeds: Mapping[str, Any]) -> int:
+        names = [self.layout.batch_input] if self.layout and self.layout.batch_input in feeds else list(feeds)
+        for name in names:
+            value = feeds[name]
+            shape = value.shape() if isinstance(value, self._ort.OrtValue) else value.shape
+            if len(shape) >= 1:
+                return int(shape[0])
+        raise RuntimeSessionError("cannot tell the batch size: no feed has a batch dimension")
+
+    def _names_for_ids(self, ids: Any, feeds: Mapping[str, Any]) -> list[str | None]:
+        ids = ids.numpy() if isinstance(ids, self._ort.OrtValue) else np.asarray(ids)
+        batch = self._batch_size(feeds)
+        if ids.shape != (batch,):
+            raise RuntimeSessionError(f"{self._ids_input!r} has shape {list(ids.shape)}; the batch has {batch} rows")
+        with self._lock:
+            by_row = {a.row: n for n, a in self._adapters.items() if not a.unloading}
+        size = max(by_row, default=0) + 1
+        names: list[str | None] = []
+        for i, row in enumerate(ids.tolist()):
+            if row != 0 and row not in by_row:
+                raise RuntimeSessionError(
+                    f"{self._ids_input}[{i}] = {row} is out of range: valid ids are 0 (no adapter) and "
+                    f"{sorted(by_row)} (of {size} rows); see AdapterSession.adapter_ids")
+            names.append(by_row.get(row))
+        return names
+
+    def _adapter_feeds(self, adapter: Any, feeds: Mapping[str, Any], taken: list[_Loaded],
+                       banks: _Banks | None) -> dict[str, Any]:
+        by_name = {a.name: a for a in taken}
+        if self.layout is None:
+            if isinstance(adapter, (list, tuple)):
+                distinct = set(adapter)
+                if len(distinct) > 1:
+                    raise RuntimeSessionError(
+                        f"{self.model_path.name} takes one adapter per run; a different adapter per row "
+                        "needs a MultiAdapter model: onnx-peft multi-adapter MODEL.onnx -o OUT_DIR")
+                batch = self._batch_size(feeds)
+                if len(adapter) != batch:
+                    raise RuntimeSessionError(f"adapter list has {len(adapter)} entries but the batch has {batch} rows")
+                adapter = next(iter(distinct), None)
+            return dict(by_name[adapter].values) if adapter is not None else {}
+        assert banks is not None
+        batch = self._batch_size(feeds)
+        if isinstance(adapter, (list, tuple)):
+            if len(adapter) != batch:
+                raise RuntimeSessionError(f"adapter list has {len(adapter)} entries but the batch has {batch} rows")
+            ids = np.array([0 if a is None else banks.ids[a] for a in adapter], dtype=np.int64)
+        else:
+            ids = np.full(batch, 0 if adapter is None else banks.ids[adapter], dtype=np.int64)
+        return {self.layout.ids_input: ids, **banks.values}
+
+    def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, Any],
+            adapter: str | Sequence[str | None] | None = None, run_options: Any = None) -> list[Any]:
+        """Like ``InferenceSession.run``; ``adapter``: None (base), a name (whole batch), or one
+        name/None per batch row (MultiAdapter models)."""
+        return self._run(output_names, feeds, adapter, run_options)
+
+    def _run(self, output_names: Sequence[str] | None, feeds: Mapping[str, Any], adapter: Any,
+             run_options: Any = None, keep_on_device: Sequence[str] = ()) -> list[Any]:
+        if isinstance(adapter, (list, tuple)):
+            names = [a for a in adapter if a is not None]
+            bad = [a for a in names if not isinstance(a, str)]
+        else:
+            names = [] if adapter is None else [adapter]
+            bad = [] if adapter is None or isinstance(adapter, str) else [adapter]
+        if bad:
+            raise RuntimeSessionError(f"adapter must be a name, None or a list of them; got {bad[0]!r}")
+        output_names = list(output_names or self.output_names)
+        unknown = [o for o in output_names if o not in self.output_names]
+        if unknown:
+            raise RuntimeSessionError(f"unknown output(s) {unknown}; the model has {self.output_names}")
+        feeds = self._check_feeds(feeds)
+        if self._ids_input is not None and self._ids_input in feeds:
+            if adapter is not None:
+                raise RuntimeSessionError(f"pass either adapter= or a {self._ids_input!r} feed, not both")
+            adapter = self._names_for_ids(feeds.pop(self._ids_input), feeds)
+            names = [a for a in adapter if a is not None]
+        clash = sorted(set(feeds) & self._slot_names)
+        if clash and names:
+            raise RuntimeSessionError(f"feed {clash[0]!r} is an adapter slot; pass either the slot feeds or adapter=, not both")
+        with self._using(names) as (taken, banks):
+            extra = self._adapter_feeds(adapter, feeds, taken, banks)
+            try:
+                if self.device == "cpu":
+                    return self._session.run(output_names, {**feeds, **extra}, run_options)
+                return self._run_bound(output_names, feeds, extra, run_options, keep_on_device)
+            except OnnxPeftError:
+                raise
+            except Exception as exc:
+                raise RuntimeSessionError(f"ONNX Runtime failed on {self.model_path.name}: {exc}") from exc
+
+    def _run_bound(self, output_names: list[str], feeds: Mapping[str, Any], extra: Mapping[str, Any],
+                   run_options: Any, keep_on_device: Sequence[str]) -> list[Any]:
+        """CUDA: IO binding; adapter OrtValues and banks are already on the device."""
+        binding = self._session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, self._ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name, value in extra.items():
+            if isinstance(value, self._ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, value)
+        for name in output_names:
+            binding.bind_output(name, "cuda" if name in keep_on_device else "cpu")
+        self._session.run_with_iobinding(binding, run_options)
+        outputs = binding.get_outputs()
+        return [value if name in keep_on_device else value.numpy()
+                for name, value in zip(output_names, outputs)]

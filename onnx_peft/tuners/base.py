@@ -1,0 +1,149 @@
+"""AdapterLayer: wrap a frozen base module by composition and hold named adapters.
+
+The verbs shared by every method live here (activate, delete, merge, unmerge); a method
+provides ``update_layer`` (create an adapter), ``delta_weight`` (through onnx_peft.methods)
+and ``forward``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import OnnxPeftError
+
+
+class AdapterLayer(nn.Module):
+    """Base of every tuner layer: ``self.base_layer`` is the wrapped (frozen) module."""
+
+    # Names of the ModuleDict/ParameterDict attributes that hold per-adapter tensors.
+    adapter_layer_names: tuple[str, ...] = ()
+    # Names of plain dict attributes holding per-adapter hyper-parameters.
+    other_param_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def adapter_names(self) -> list[str]:
+        names: list[str] = []
+        for attr in self.adapter_layer_names:
+            for key in getattr(self, attr).keys():
+                if key not in names:
+                    names.append(key)
+        return names
+
+    def set_adapter(self, adapter_names: str | list[str], trainable: bool = True) -> None:
+        """Activate ``adapter_names``; only active adapters' tensors get gradients."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            for key, holder in container.items():
+                holder.requires_grad_(trainable and key in names)
+        self.active_adapters = [n for n in names if n in self.adapter_names()]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        for attr in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                del container[adapter_name]
+        if adapter_name in self.active_adapters:
+            self.active_adapters.remove(adapter_name)
+
+    # -- merging ---------------------------------------------------------------------------
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters into the base weight (W += delta) so inference costs nothing extra."""
+        for name in adapter_names if adapter_names is not None else list(self.active_adapters):
+            if name not in self.adapter_names() or name in self.merged_adapters:
+                continue
+            new_weight = self.merged_weight(name, self.base_layer.weight.data)
+            if safe_merge and not torch.isfinite(new_weight).all():
+                raise OnnxPeftError(f"merging adapter {name!r} gives NaN/inf weights; the adapter is broken")
+            self.base_layer.weight.data = new_weight.to(self.base_layer.weight.dtype)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            self.base_layer.weight.data = self.unmerged_weight(name, self.base_layer.weight.data).to(
+                self.base_layer.weight.dtype
+            )
+
+    def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.get_delta_weight(adapter_name).to(weight.dtype)
+
+    def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight - self.get_delta_weight(adapter_name).to(weight.dtype)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define get_delta_weight")
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A fully trained copy of a module per adapter (e.g. a classification head).
+
+    ``original_module`` stays frozen; ``modules_to_save[adapter]`` is used while that
+    adapter is active, the original otherwise.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disable_adapters = False
+
+    def add(self, adapter_name: str) -> None:
+        import copy
+
+        if adapter_name not in self.modules_to_save:
+            self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+            self.modules_to_save[adapter_name].requires_grad_(True)
+
+    def set_adapter(self, adapter_names: str | list[str], trainable: bool = True) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        active = [n for n in names if n in self.modules_to_save]
+        if len(active) > 1:
+            raise OnnxPeftError(
+                f"adapters {active} each have their own copy of a module to save; activate only one"
+            )
+        for key, module in self.modules_to_save.items():
+            module.requires_grad_(trainable and key in active)
+        self.active_adapter = active[0] if active else None
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.current().weight
+
+    def current(self) -> nn.Module:
+        if self.disable_adapters or self.active_adapter is None:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)
