@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -307,8 +308,30 @@ class PeftModel(nn.Module):
                 owned[name] = tensor
         return owned
 
+    def _embedding_tensors(self, adapter_name: str, save_embedding_layers: bool | str) -> dict[str, torch.Tensor]:
+        """The base input/output embedding weights PEFT stores next to an adapter.
+
+        PEFT's ``save_embedding_layers="auto"`` saves them when ``target_modules`` names
+        ``embed_tokens``/``lm_head`` (so a resized vocabulary travels with the adapter); we
+        write the same keys so both libraries produce the same files.
+        """
+        model = self.base_model.model
+        targeted = _targets_embedding_by_name(self.peft_config[adapter_name], model)
+        if save_embedding_layers == "auto":
+            save_embedding_layers = targeted
+        if not save_embedding_layers or not hasattr(model, "get_input_embeddings"):
+            return {}
+        out: dict[str, torch.Tensor] = {}
+        for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if layer is None or (targeted and not isinstance(layer, LoraLayer)):
+                continue  # targeted: only the wrapped embeddings' base weights, as PEFT does
+            source = layer.base_layer if isinstance(layer, LoraLayer) else layer
+            name = next(n for n, m in model.named_modules() if m is source)
+            out.update({f"base_model.model.{name}.{k}": v for k, v in source.state_dict().items()})
+        return out
+
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
-                        **kwargs: Any) -> None:
+                        save_embedding_layers: bool | str = "auto", **kwargs: Any) -> None:
         """PEFT layout: the "default" adapter in ``save_directory``, others in subfolders."""
         for name in selected_adapters or list(self.peft_config):
             if name not in self.peft_config:
@@ -318,7 +341,8 @@ class PeftModel(nn.Module):
             if config.base_model_name_or_path is None:
                 model_config = getattr(self.base_model.model, "config", None)
                 config.base_model_name_or_path = getattr(model_config, "_name_or_path", None) or None
-            save_adapter_dir(target, config, self.adapter_state_dict(name))
+            tensors = {**self.adapter_state_dict(name), **self._embedding_tensors(name, save_embedding_layers)}
+            save_adapter_dir(target, config, tensors)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
@@ -373,6 +397,16 @@ class PeftModel(nn.Module):
             for key, value in tensors.items():
                 param = state[ours[key]]
                 param.copy_(torch.from_numpy(value.astype(value.dtype, copy=True)).to(param.dtype))
+
+
+def _targets_embedding_by_name(config: LoraConfig, model: nn.Module) -> bool:
+    """PEFT's "auto" rule: target_modules names ``embed_tokens`` or ``lm_head``."""
+    names = ("embed_tokens", "lm_head")
+    targets = config.target_modules
+    if isinstance(targets, str):
+        return any(re.fullmatch(targets, key) for key, _ in model.named_modules()
+                   if any(re.match(rf"(.*\.)?{n}$", key) for n in names))
+    return any(n in (targets or ()) for n in names)
 
 
 def _is_adapter_param(name: str) -> bool:

@@ -37,9 +37,11 @@ def base_weights(seed: int = 0) -> dict[str, np.ndarray]:
             for i, m in enumerate(MODULES)}
 
 
-def build_slot_model(path: Path, seed: int = 0) -> Path:
+def build_slot_model(path: Path, seed: int = 0, seq: bool = True) -> Path:
+    """The tiny slot model; ``seq=False`` makes x ``[batch, 8]`` (rank 2) instead of 3."""
     weights = base_weights(seed)
-    nodes, inits, inputs, slots = [], [], [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", DIMS[0]])], []
+    lead = ["batch", "seq"] if seq else ["batch"]
+    nodes, inits, inputs, slots = [], [], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*lead, DIMS[0]])], []
     h = "x"
     for i, module in enumerate(MODULES):
         d_in, d_out = DIMS[i], DIMS[i + 1]
@@ -59,7 +61,7 @@ def build_slot_model(path: Path, seed: int = 0) -> Path:
             nodes.append(helper.make_node("Relu", [f"{module}/sum"], [out]))
         h = out
     graph = helper.make_graph(nodes, "tiny", inputs,
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", DIMS[-1]])], inits)
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [*lead, DIMS[-1]])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     contract = Contract(slots=slots, fingerprint=weight_fingerprint({m: w.T for m, w in weights.items()}))

@@ -44,16 +44,20 @@ class LinearSite:
 
     @property
     def input(self) -> ir.Value:
-        """The activation x feeding the Linear."""
-        return self.node.inputs[0]
+        """The activation x feeding the Linear (before a flattening Reshape, GPT-2 Conv1D style)."""
+        x = self.node.inputs[0]
+        if self.output is not self.node.outputs[0] and x.producer() is not None \
+                and x.producer().op_type == "Reshape" and self.output.producer().op_type == "Reshape":
+            return x.producer().inputs[0]
+        return x
 
     @property
     def bias(self) -> ir.Value | None:
         """The bias value (Gemm C or the Add right after the MatMul), if any."""
         if self.node.op_type == "Gemm" and len(self.node.inputs) > 2:
             return self.node.inputs[2]
-        if self.output is not self.node.outputs[0] and self.output.producer() is not None:
-            add = self.output.producer()
+        add = _only_consumer(self.node.outputs[0])
+        if add is not None and add.op_type == "Add" and self.output is not self.node.outputs[0]:
             return next(v for v in add.inputs if v is not self.node.outputs[0])
         return None
 
@@ -173,6 +177,17 @@ def linear_of(node: ir.Node) -> tuple[ir.Value, str, int, int] | None:
     rows, cols = (int(d) for d in weight.const_value.shape)
     in_features, out_features = (rows, cols) if layout == "in_out" else (cols, rows)
     return weight, layout, in_features, out_features
+
+
+def _unflatten(node: ir.Node, output: ir.Value) -> ir.Value:
+    """``Reshape(x 3-D -> 2-D) -> Gemm -> Reshape(back)`` (GPT-2 Conv1D): the module's output is
+    the second Reshape's."""
+    x_producer = node.inputs[0].producer()
+    after = _only_consumer(output)
+    if x_producer is not None and x_producer.op_type == "Reshape" and after is not None \
+            and after.op_type == "Reshape":
+        return after.outputs[0]
+    return output
 
 
 def _depends_on_inputs(value: ir.Value, memo: dict[int, bool]) -> bool:
@@ -373,6 +388,7 @@ def find_linear_sites(model: ir.Model) -> dict[str, LinearSite]:
             continue
         bias_add = None if node.op_type == "Gemm" else _bias_add(node, out_f)
         output = bias_add.outputs[0] if bias_add is not None else node.outputs[0]
+        output = _unflatten(node, output)
         site = LinearSite(path, node, weight, layout, in_f, out_f, output)
         key, n = path, 1
         while key in sites:  # the same module called twice (shared weights): path, path#1, ...

@@ -7,7 +7,7 @@ whatever exporter wrote the graph), the pass adds::
        └─ MatMul(A_slot [in, r]) ─ MatMul(B_slot [r, out]) ─ Add ─▶ y' (old consumers of y)
 
 ``mode="slots"``: ``A_slot``/``B_slot`` are optional graph inputs named
-``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` (rank dim symbolic ``lora_r``) whose
+``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` (rank dim symbolic, one per module) whose
 defaults are zero-rank tensors ``[in, 0]`` / ``[0, out]``, so with nothing fed the model is the
 base; the union of all adapters' modules gets slots and each adapter becomes an adapter file.
 ``mode="in-graph"``: one adapter, its tensors baked in as initializers.
@@ -44,6 +44,17 @@ from ..methods.lora import LoraConfig
 from ..targets import is_target
 
 Mode = Literal["slots", "in-graph"]
+
+
+def rank_dim(module: str) -> str:
+    """The symbolic rank dim of ``module``'s slots: ``lora_r.<module>``, one per module.
+
+    One shared ``lora_r`` for all slots breaks ONNX Runtime as soon as two modules get different
+    ranks in one run (rank_pattern, or an adapter that leaves some slots at their zero-rank
+    default): ORT plans buffers assuming equal dim_params are equal ("Shape mismatch attempting
+    to re-use buffer {2,7,0} != {2,7,4}").
+    """
+    return f"{RANK_DIM}.{module}"
 
 
 @dataclass
@@ -167,14 +178,15 @@ class InsertAdapters(ir.passes.InPlacePass):
         node = site.node
         if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
             raise IncompatibleAdapterError(f"module {site.module}: Gemm with transA=1 is not supported")
-        x = node.inputs[0]
-        dtype = site.weight.dtype
+        x = site.input  # before a flattening Reshape when the output is reshaped back (GPT-2)
+        dtype = site.weight.dtype or site.weight.const_value.dtype
         np_dtype = dtype.numpy()
         a_name, b_name = slot_name(site.module, A_SUFFIX), slot_name(site.module, B_SUFFIX)
+        rank = rank_dim(site.module)
         if self.mode == "slots":
-            a = self._slot_input(graph, a_name, dtype, (site.in_features, RANK_DIM),
+            a = self._slot_input(graph, a_name, dtype, (site.in_features, rank),
                                  np.zeros((site.in_features, 0), np_dtype))
-            b = self._slot_input(graph, b_name, dtype, (RANK_DIM, site.out_features),
+            b = self._slot_input(graph, b_name, dtype, (rank, site.out_features),
                                  np.zeros((0, site.out_features), np_dtype))
         else:
             (adapter,) = self.adapters.values()
@@ -205,8 +217,7 @@ class InsertAdapters(ir.passes.InPlacePass):
         if self.mode != "slots":
             return []
         return [Slot(name, np_dtype.name, shape, site.module, "lora")
-                for name, shape in ((a_name, (site.in_features, RANK_DIM)),
-                                    (b_name, (RANK_DIM, site.out_features)))]
+                for name, shape in ((a_name, (site.in_features, rank)), (b_name, (rank, site.out_features)))]
 
     @staticmethod
     def _slot_input(graph: ir.Graph, name: str, dtype: ir.DataType, shape: tuple, default: np.ndarray

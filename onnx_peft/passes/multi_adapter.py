@@ -15,8 +15,8 @@ and refreshes the banks from its loaded adapters without re-creating the ORT ses
 
 The model keeps its adapter-facing contract (the slots adapter files must fit) and records the
 bank layout under ``metadata_props["onnx_peft.multi_adapter"]`` (see ``runtime.MultiLayout``).
-Inputs of rank 2 (``[batch, in]``) are unsqueezed to ``[batch, 1, in]``; rank k > 3 gets the
-gathered banks unsqueezed to rank k. Needs only onnx_ir and numpy.
+Inputs of another rank than 3 (or of unknown rank) are reshaped to ``[batch, -1, in]`` around the
+branch and back. Needs only onnx_ir and numpy.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ class MultiAdapterPass(ir.passes.InPlacePass):
             if not a_nodes:
                 raise NoAdapterSitesError(f"slot {a_slot.name} feeds no MatMul as its right operand")
             for a_node in a_nodes:
-                self._rewire(graph, a_node, _b_node_of(a_node, b_value), ids, banks, a_slot.module)
+                self._rewire(graph, a_node, _b_node_of(a_node, b_value), ids, banks, a_slot.module, d_in)
             for slot_value, bank in [(a_value, banks["A"]), (b_value, banks["B"])]:
                 if slot_value.uses():
                     raise OnnxPeftError(f"slot {slot_value.name} has uses besides its adapter MatMuls")
@@ -128,41 +128,33 @@ class MultiAdapterPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=True)
 
     def _rewire(self, graph: ir.Graph, a_node: ir.Node, b_node: ir.Node, ids: ir.Value,
-                banks: dict[str, ir.Value], module: str) -> None:
-        x = a_node.inputs[0]
-        rank = len(x.shape) if x.shape is not None else None
-        if rank is None or rank < 2:
-            raise OnnxPeftError(f"module {module}: the adapter input {x.name!r} has unknown rank; "
-                                "run shape inference (onnx.shape_inference) on the model first")
-        new: list[ir.Node] = []
+                banks: dict[str, ir.Value], module: str, d_in: int) -> None:
         gathered = {}
         for kind, node in [("A", a_node), ("B", b_node)]:
             gather = ir.node("Gather", [banks[kind], ids], {"axis": 0}, name=f"{banks[kind].name}/Gather")
-            new.append(gather)
-            row = gather.outputs[0]
-            row.name = f"{banks[kind].name}/rows"
-            if rank > 3:
-                axes = _const(graph, f"multi_adapter/axes_1_to_{rank - 3}", list(range(1, rank - 2)))
-                unsqueeze = ir.node("Unsqueeze", [row, axes], name=f"{banks[kind].name}/Unsqueeze")
-                new.append(unsqueeze)
-                row = unsqueeze.outputs[0]
-            gathered[kind] = row
-        graph.insert_before(a_node, new)
-        if rank == 2:  # [batch, in] -> [batch, 1, in] ... [batch, 1, out] -> [batch, out]
-            axis = _const(graph, "multi_adapter/axis_1", [1])
-            up = ir.node("Unsqueeze", [x, axis], name=f"{module}/multi_adapter/Unsqueeze")
-            graph.insert_before(a_node, up)
-            a_node.replace_input_with(0, up.outputs[0])
+            gather.outputs[0].name = f"{banks[kind].name}/rows"
+            graph.insert_before(a_node, gather)
+            gathered[kind] = gather.outputs[0]
+        x = a_node.inputs[0]
+        if x.shape is None or len(x.shape) != 3:
+            # any other rank (or unknown): x -> [batch, -1, in], branch, then back to x's lead dims
+            prefix = f"{module}/multi_adapter"
+            flat = ir.node("Reshape", [x, _const(graph, f"multi_adapter/shape_0_-1_{d_in}", [0, -1, d_in])],
+                           name=f"{prefix}/Reshape_in")
+            shape = ir.node("Shape", [x], name=f"{prefix}/Shape")
+            lead = ir.node("Slice", [shape.outputs[0], _const(graph, "multi_adapter/zero", [0]),
+                                     _const(graph, "multi_adapter/minus_one", [-1])], name=f"{prefix}/Slice")
+            graph.insert_before(a_node, [flat, shape, lead])
+            a_node.replace_input_with(0, flat.outputs[0])
             out = b_node.outputs[0]
-            down_out = ir.Value(name=f"{module}/multi_adapter/squeezed", type=out.type, shape=out.shape)
+            d_out = banks["B"].shape[-1]
+            target = ir.node("Concat", [lead.outputs[0], _const(graph, f"multi_adapter/dim_{d_out}", [d_out])],
+                             {"axis": 0}, name=f"{prefix}/Concat")
+            restored = ir.Value(name=f"{prefix}/restored", type=out.type, shape=out.shape)
+            out.replace_all_uses_with(restored)
             out.shape = None
-            out.replace_all_uses_with(down_out)
-            down = ir.node("Squeeze", [out, axis], outputs=[down_out], name=f"{module}/multi_adapter/Squeeze")
-            graph.insert_after(b_node, down)
-        else:
-            for node in (a_node, b_node):
-                for value in node.outputs:
-                    value.shape = None  # batch dims change meaning; let ORT infer them
+            back = ir.node("Reshape", [out, target.outputs[0]], outputs=[restored], name=f"{prefix}/Reshape_out")
+            graph.insert_after(b_node, [target, back])
         a_node.replace_input_with(1, gathered["A"])
         b_node.replace_input_with(1, gathered["B"])
 
@@ -175,5 +167,10 @@ def multi_adapter(model_path: str | os.PathLike, output_dir: str | os.PathLike,
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(model_path)
-    MultiAdapterPass(ids_input)(model)
+    try:
+        MultiAdapterPass(ids_input)(model)
+    except ir.passes.PreconditionError as exc:  # surface our own error, not the wrapper
+        if isinstance(exc.__cause__, OnnxPeftError):
+            raise OnnxPeftError(f"{model_path}: {exc.__cause__}") from exc.__cause__
+        raise
     return save_model(model, output_dir / "model.onnx")

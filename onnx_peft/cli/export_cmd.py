@@ -1,0 +1,51 @@
+"""``onnx-peft export MODEL_DIR [--adapter [NAME=]DIR ...] -o OUT_DIR``: a thin call of
+:func:`onnx_peft.export.export`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import AdapterConfigError
+
+_TASKS = ("auto", "causal-lm", "causal-lm-with-past", "feature-extraction", "sequence-classification")
+_MODES = ("merged", "in-graph", "inputs", "external")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="local transformers model folder")
+    parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]ADAPTER_DIR",
+                        help="PEFT adapter folder (repeatable; NAME defaults to the folder name)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR",
+                        help="output folder: model.onnx, export_info.json, adapters/")
+    parser.add_argument("--task", choices=_TASKS, default="auto",
+                        help="model signature (default: from config.architectures)")
+    parser.add_argument("--mode", choices=_MODES, default="in-graph",
+                        help="what happens to adapters (default: in-graph)")
+    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+
+
+def parse_adapters(values: list[str]) -> dict[str, str]:
+    """``["a=dir1", "dir2"]`` -> ``{"a": "dir1", "dir2": "dir2"}`` (name = folder name)."""
+    adapters: dict[str, str] = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        if not sep:
+            name, directory = Path(value.rstrip("/\\")).name, value
+        if name in adapters:
+            raise AdapterConfigError(f"--adapter {value}: adapter name {name!r} is used twice; write NAME=DIR")
+        adapters[name] = directory
+    return adapters
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..export import export
+
+    path = export(args.model_dir, args.output, adapters=parse_adapters(args.adapter) or None,
+                  task=args.task, mode=args.mode, dtype=args.dtype, opset=args.opset,
+                  quiet=bool(getattr(args, "quiet", False)))
+    if not getattr(args, "quiet", False):
+        print(path)
+    return 0

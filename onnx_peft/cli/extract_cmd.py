@@ -1,0 +1,33 @@
+"""``onnx-peft extract MODEL.onnx -o OUT_DIR``: a thin call of extract_adapters."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..passes.extract_adapters import SAVE_FORMATS, extract_adapters
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="ONNX model with adapter branches in the graph")
+    parser.add_argument("-o", "--output-dir", required=True, help="folder for the model and the adapter file")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--make-inputs", dest="external", action="store_false",
+                      help="adapter tensors become graph inputs (default)")
+    mode.add_argument("--external", dest="external", action="store_true",
+                      help="adapter tensors stay initializers, the runtime supplies them")
+    parser.set_defaults(external=False)
+    parser.add_argument("--pack-inputs", action="store_true", help="one packed input per dtype (not implemented)")
+    parser.add_argument("--optional-inputs", dest="optional_inputs", action="store_true", default=True,
+                        help="inputs default to zero-rank tensors: no feeds = base model (default)")
+    parser.add_argument("--required-inputs", dest="optional_inputs", action="store_false",
+                        help="inputs have no defaults")
+    parser.add_argument("--format", choices=SAVE_FORMATS, default="onnx_adapter", help="adapter file format")
+
+
+def run(args: argparse.Namespace) -> int:
+    model, adapter = extract_adapters(
+        args.model, args.output_dir, make_inputs=not args.external, pack_inputs=args.pack_inputs,
+        optional_inputs=args.optional_inputs, external=args.external, save_format=args.format,
+    )
+    print(f"model written to {model}\nadapter written to {adapter}")
+    return 0

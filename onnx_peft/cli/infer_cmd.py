@@ -1,0 +1,105 @@
+"""``onnx-peft infer MODEL.onnx --adapter NAME=FILE ... (--input-ids 1,2,3 | --text TEXT --tokenizer DIR)``.
+
+Decoders exported with past key/values generate (greedy unless ``--sample``); other models
+run once and print each output's shape and first values. ``--use`` picks the adapter: one name
+for the batch, or one per row (``--use a,b,-``; ``-`` = no adapter) on MultiAdapter models.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from ..errors import MissingDependencyError, RuntimeSessionError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL.onnx")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=FILE",
+                        help="load an adapter (.onnx_adapter, .safetensors or PEFT dir); repeatable")
+    parser.add_argument("--use", metavar="NAME[,NAME|-...]",
+                        help="adapter for the batch, or one per row; default: the first --adapter, '-' = base")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input-ids", action="append", metavar="1,2,3", help="token ids of one row; repeatable")
+    source.add_argument("--text", action="append", metavar="TEXT", help="prompt of one row (needs --tokenizer)")
+    parser.add_argument("--tokenizer", metavar="DIR", help="local transformers tokenizer folder for --text")
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--eos-token-id", type=int, default=None)
+
+
+def _tokenizer(directory: str | None):
+    if directory is None:
+        raise RuntimeSessionError("--text needs --tokenizer DIR (a local transformers tokenizer folder)")
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as exc:
+        raise MissingDependencyError("--text needs transformers: pip install onnx-peft[torch]") from exc
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as exc:
+        raise RuntimeSessionError(f"{directory}: cannot load a tokenizer ({exc})") from exc
+
+
+def _rows(args: argparse.Namespace, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids ``[batch, length]`` left padded with 0, and the attention mask."""
+    if args.text:
+        rows = [tokenizer(text)["input_ids"] for text in args.text]
+    else:
+        try:
+            rows = [[int(t) for t in line.replace(" ", "").split(",") if t] for line in args.input_ids]
+        except ValueError as exc:
+            raise RuntimeSessionError(f"--input-ids takes comma separated integers ({exc})") from exc
+    if not all(rows):
+        raise RuntimeSessionError("every row needs at least one token")
+    length = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), length), np.int64)
+    mask = np.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, length - len(row):] = row
+        mask[i, length - len(row):] = 1
+    return ids, mask
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..runtime import AdapterSession
+
+    session = AdapterSession(args.model)
+    names = []
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise RuntimeSessionError(f"--adapter takes NAME=FILE, got {spec!r}")
+        session.load_adapter(name, path)
+        names.append(name)
+    tokenizer = _tokenizer(args.tokenizer) if args.text else None
+    ids, mask = _rows(args, tokenizer)
+    if args.use is None:
+        adapter = names[0] if names else None
+    else:
+        chosen = [None if u in ("-", "") else u for u in args.use.split(",")]
+        adapter = chosen[0] if len(chosen) == 1 else chosen
+    if session._decoder_io()[0]:
+        out = session.generate(ids, args.max_new_tokens, adapter=adapter, do_sample=args.sample,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                               eos_token_id=args.eos_token_id, attention_mask=mask, seed=args.seed)
+        for i, row in enumerate(out):
+            new = row[ids.shape[1]:].tolist()
+            label = adapter[i] if isinstance(adapter, list) else adapter
+            text = f"  {tokenizer.decode(new)!r}" if tokenizer is not None else ""
+            print(f"row {i} [{label or 'base'}]: {new}{text}")
+        return 0
+    feeds = {"input_ids": ids}
+    extra = {"attention_mask": mask, "token_type_ids": np.zeros_like(ids),
+             "position_ids": np.maximum(np.cumsum(mask, 1) - 1, 0)}
+    feeds.update({k: v for k, v in extra.items() if k in session._inputs})
+    outputs = session.run(None, feeds, adapter=adapter)
+    for name, value in zip(session.output_names, outputs):
+        flat = np.asarray(value).reshape(-1)[:6]
+        print(f"{name} {list(np.shape(value))}: {np.array2string(flat, precision=5)}")
+    return 0

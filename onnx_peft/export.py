@@ -1,0 +1,795 @@
+"""Export a transformers model, a PeftModel, or a folder of either, to ONNX.
+
+Why this module exists: the graph passes (merge, extract, multi-adapter) need an ONNX model
+whose adapter branches are still recognisable, and users need one call that goes from a
+trained adapter to a deploy folder::
+
+    OUT_DIR/model.onnx              (+ model.onnx.data when the weights exceed ~1 GB)
+    OUT_DIR/export_info.json        task, mode, dtype, exporter, inputs, outputs, adapters
+    OUT_DIR/adapters/NAME.onnx_adapter   (modes "inputs" / "external" only)
+
+The exporter is ``torch.onnx.export(dynamo=True)`` with its optimizer on; the TorchScript
+exporter is tried only when dynamo fails. The module path of every layer stays recoverable:
+the exported module shares its children with the transformers model (see :class:`_TaskModule`),
+so each node's ``pkg.torch.onnx.name_scopes`` ends in the real path
+(``model.layers.0.self_attn.q_proj.lora_A.default``) and each pre-transposed weight records
+its parameter in ``pkg.onnxscript.optimizer.folded_from``. Both are kept.
+
+Tasks and their signatures (all ints are int64; dims named as in the graph)::
+
+    causal-lm                input_ids, attention_mask [batch, sequence] -> logits [batch, sequence, vocab]
+    causal-lm-with-past      + position_ids [batch, sequence],
+                             past_key_values.N.key/value [batch, kv_heads, past_sequence, head_dim]
+                             -> logits, present.N.key/value [batch, kv_heads, past_sequence + sequence, head_dim]
+                             (attention_mask is [batch, total_sequence]; past_sequence = 0 is prefill)
+    feature-extraction       input_ids, attention_mask (, token_type_ids) -> last_hidden_state [batch, sequence, hidden]
+    sequence-classification  input_ids, attention_mask (, token_type_ids) -> logits [batch, num_labels]
+
+Modes: ``in-graph`` keeps the adapter branches with their weights as initializers; ``merged``
+folds the adapter into the base weights first (same nodes as the base export); ``inputs`` /
+``external`` export in-graph and then move adapter tensors out of the graph
+(:mod:`onnx_peft.passes.extract_adapters`), writing each given adapter as a slot file.
+
+torch and transformers are imported inside functions only: ``import onnx_peft`` stays torch-free.
+This module never imports ``peft``; PEFT models are recognised by their attributes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import (
+    AdapterConfigError,
+    MissingDependencyError,
+    ModelFileError,
+    OnnxPeftError,
+    UnsafePathError,
+    require_torch,
+)
+from .progress import progress
+
+log = logging.getLogger(__name__)
+
+TASKS = ("auto", "causal-lm", "causal-lm-with-past", "feature-extraction", "sequence-classification")
+MODES = ("merged", "in-graph", "inputs", "external")
+DTYPES = ("fp32", "fp16")
+MODEL_FILE = "model.onnx"
+INFO_FILE = "export_info.json"
+ADAPTER_DIR = "adapters"
+ADAPTER_SUFFIX = ".onnx_adapter"
+# Weights above this size go to model.onnx.data (protobuf refuses files over 2 GB).
+EXTERNAL_DATA_BYTES = 1 << 30
+
+# Example sizes for tracing. All >= 2 and distinct, so torch.export keeps each dim symbolic.
+_BATCH, _SEQUENCE, _PAST = 2, 3, 4
+
+AdapterSpec = Mapping[str, "str | os.PathLike[str]"] | Sequence["str | os.PathLike[str]"] | None
+
+
+# --------------------------------------------------------------------------------------------
+# Recognising what we were given
+# --------------------------------------------------------------------------------------------
+
+
+def is_peft_model(obj: Any) -> bool:
+    """True for a PEFT-style wrapper (ours or Hugging Face's), recognised by attributes only.
+
+    Such a model has ``peft_config``, ``merge_and_unload()`` and ``base_model.model``: the
+    transformers model whose target layers carry ``base_layer`` / ``lora_A[name]`` / ``lora_B[name]``.
+    """
+    base = getattr(obj, "base_model", None)
+    return (hasattr(obj, "peft_config") and callable(getattr(obj, "merge_and_unload", None))
+            and base is not None and getattr(base, "model", None) is not None)
+
+
+def transformers_model(model: Any) -> Any:
+    """The transformers model inside ``model`` (itself when it is not a PEFT wrapper)."""
+    return model.base_model.model if is_peft_model(model) else model
+
+
+def _architecture(model: Any) -> str:
+    return type(transformers_model(model)).__name__
+
+
+def task_for_architecture(architecture: str) -> str | None:
+    """Map a class name (``LlamaForCausalLM``, ``BertModel``) to a task, or None if unknown."""
+    if architecture.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal-lm-with-past"
+    if architecture.endswith("ForSequenceClassification"):
+        return "sequence-classification"
+    if architecture.endswith(("Model", "ForMaskedLM", "ForPreTraining")):
+        return "feature-extraction"
+    return None
+
+
+def resolve_task(task: str, architecture: str, source: str = "model") -> str:
+    """Check ``task`` against the model's architecture; ``auto`` picks one like Optimum does."""
+    if task not in TASKS:
+        raise OnnxPeftError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    natural = task_for_architecture(architecture)
+    if task == "auto":
+        if natural is None:
+            raise OnnxPeftError(
+                f"{source}: cannot infer the task from architecture {architecture!r}; pass "
+                "task='causal-lm', 'causal-lm-with-past', 'feature-extraction' or 'sequence-classification'"
+            )
+        return natural
+    if task.startswith("causal-lm") and natural != "causal-lm-with-past":
+        raise OnnxPeftError(f"{source}: task {task!r} needs a causal LM head, but the model is {architecture}")
+    if task == "sequence-classification" and natural != "sequence-classification":
+        raise OnnxPeftError(
+            f"{source}: task 'sequence-classification' needs a *ForSequenceClassification model, "
+            f"but the model is {architecture}"
+        )
+    return task
+
+
+def _auto_class(task: str, architecture: str) -> Any:
+    import transformers
+
+    if task.startswith("causal-lm"):
+        return transformers.AutoModelForCausalLM
+    if task == "sequence-classification":
+        return transformers.AutoModelForSequenceClassification
+    # feature-extraction: load the checkpoint's own class so module paths (bert.encoder...)
+    # match adapters trained on it; the backbone is taken at forward time.
+    cls = getattr(transformers, architecture, None)
+    return cls if cls is not None and hasattr(cls, "from_pretrained") else transformers.AutoModel
+
+
+def load_model_dir(model_dir: str | os.PathLike, task: str = "auto") -> tuple[Any, str]:
+    """Load a local transformers folder (config.json + weights) in fp32, eval mode.
+
+    Returns ``(model, task)`` with ``task`` resolved. Never touches the network.
+    """
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ModelFileError(f"{path}: no such model folder; pass a transformers folder with config.json")
+    if not (path / "config.json").is_file():
+        if (path / "adapter_config.json").is_file():
+            raise ModelFileError(
+                f"{path} is a PEFT adapter folder; pass the base model folder and the adapter with "
+                "--adapter (adapters={'name': dir} in Python)"
+            )
+        raise ModelFileError(f"{path}: config.json not found; is this a transformers model folder?")
+    require_torch()
+    try:
+        import transformers
+    except ImportError as exc:  # pragma: no cover
+        raise MissingDependencyError("exporting needs transformers: pip install onnx-peft[torch]") from exc
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise ModelFileError(f"{path}/config.json: cannot be read by transformers ({exc})") from exc
+    archs = getattr(config, "architectures", None) or [""]
+    task = resolve_task(task, archs[0], source=str(path))
+    cls = _auto_class(task, archs[0])
+    try:
+        with _quiet_warnings():
+            model = cls.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise ModelFileError(
+            f"{path}: transformers could not load the weights as {getattr(cls, '__name__', cls)} "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    return model.float().eval(), task
+
+
+# --------------------------------------------------------------------------------------------
+# Adapters: attach PEFT adapter folders with onnx_peft's own tuners
+# --------------------------------------------------------------------------------------------
+
+
+def normalize_adapters(adapters: AdapterSpec) -> dict[str, Path]:
+    """``{name: dir}`` from a mapping, or from a list of dirs (named by folder name)."""
+    if adapters is None:
+        return {}
+    if isinstance(adapters, (str, os.PathLike)):
+        adapters = [adapters]
+    items = adapters.items() if isinstance(adapters, Mapping) else ((Path(a).name, a) for a in adapters)
+    out: dict[str, Path] = {}
+    for name, directory in items:
+        path = Path(directory)
+        if not name or "/" in name or "\\" in name or name.startswith("."):
+            raise AdapterConfigError(f"adapter name {name!r} for {path} is not a plain file name")
+        if name in out:
+            raise AdapterConfigError(f"adapter name {name!r} is given twice ({out[name]} and {path})")
+        if not (path / "adapter_config.json").is_file():
+            raise AdapterConfigError(f"{path}: not a PEFT adapter folder (no adapter_config.json)")
+        out[name] = path
+    return out
+
+
+def _peft_model_class() -> Any:
+    try:
+        from .model import PeftModel
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "loading adapter folders needs onnx_peft.model (the tuners), which this install lacks"
+        ) from exc
+    return PeftModel
+
+
+def attach_adapters(model: Any, adapters: Mapping[str, Path]) -> Any:
+    """Load adapter folders onto ``model`` (a transformers model or a PEFT wrapper).
+
+    The first adapter is active. ``model`` itself gains adapter layers, so callers pass a model
+    they own.
+    """
+    names = list(adapters)
+    if is_peft_model(model):
+        peft_model = model
+    else:
+        peft_model = _peft_model_class().from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+        names = names[1:]
+    for name in names:
+        peft_model.load_adapter(adapters[name], adapter_name=name)
+    if hasattr(peft_model, "set_adapter"):
+        peft_model.set_adapter(next(iter(adapters)))
+    return peft_model.eval()
+
+
+def _adapter_layer_types() -> tuple[type, ...]:
+    torch = require_torch()
+    types: list[type] = [torch.nn.Linear, torch.nn.Embedding]
+    with contextlib.suppress(ImportError):
+        from transformers.pytorch_utils import Conv1D
+
+        types.append(Conv1D)
+    return tuple(types)
+
+
+def union_targets(model: Any, adapters: Mapping[str, Path]) -> tuple[list[str], int, bool]:
+    """Module paths targeted by any of ``adapters``, the largest rank, and whether a Conv1D is hit.
+
+    Used to build one model whose adapter slots fit every adapter: ranks may differ because
+    the extract pass makes the rank dimension symbolic.
+    """
+    from .config import AdapterConfig
+    from .methods.lora import LoraConfig
+    from .targets import is_target
+
+    configs = {}
+    for name, path in adapters.items():
+        config = AdapterConfig.from_pretrained(path)
+        if not isinstance(config, LoraConfig):
+            raise AdapterConfigError(
+                f"{path}: {config.peft_type} adapters cannot be exported as inputs/external slots yet; "
+                "use mode='merged' or 'in-graph'"
+            )
+        if config.use_dora:
+            raise AdapterConfigError(
+                f"{path}: DoRA adapters cannot share a slot model yet; export them with mode='merged'"
+            )
+        configs[name] = config
+    layer_types = _adapter_layer_types()
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    targets, conv1d, max_rank = [], False, 1
+    for path, module in model.named_modules():
+        if not path or not isinstance(module, layer_types):
+            continue
+        hits = [c for c in configs.values() if _targets(c, path, module, output, is_target)]
+        if hits:
+            targets.append(path)
+            conv1d |= type(module).__name__ == "Conv1D"
+            max_rank = max(max_rank, *(c.rank_for(path) for c in hits))
+    if not targets:
+        raise AdapterConfigError(
+            f"adapters {', '.join(str(p) for p in adapters.values())} target no layer of "
+            f"{type(model).__name__}; were they trained on another model?"
+        )
+    return targets, max_rank, conv1d
+
+
+def _targets(config: Any, path: str, module: Any, output: Any, is_target: Callable) -> bool:
+    if config.target_modules == "all-linear":
+        torch = require_torch()
+        return module is not output and not isinstance(module, torch.nn.Embedding) and not _excluded(config, path)
+    return is_target(path, config)
+
+
+def _excluded(config: Any, path: str) -> bool:
+    from .targets import is_excluded
+
+    return is_excluded(path, config)
+
+
+def slot_model(model: Any, adapters: Mapping[str, Path]) -> Any:
+    """A PEFT wrapper with one LoRA branch on every module any adapter targets.
+
+    Its weights are placeholders (random, alpha = r so the scale is 1): the extract pass turns
+    them into slots and each real adapter is converted to fit.
+    """
+    from .methods.lora import LoraConfig
+
+    targets, rank, conv1d = union_targets(model, adapters)
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False,
+                        fan_in_fan_out=conv1d)
+    from .model import get_peft_model
+
+    return get_peft_model(model, config).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# The module that torch.onnx traces
+# --------------------------------------------------------------------------------------------
+
+
+def _task_module_class() -> type:
+    torch = require_torch()
+
+    class _TaskModule(torch.nn.Module):
+        """Calls ``forward_fn(model, *tensors)`` and shares ``model``'s children, not wraps them.
+
+        Sharing ``_modules``/``_parameters``/``_buffers`` makes every submodule's qualified name
+        the same as in ``model``, so the exported name scopes are real module paths
+        (``model.layers.0.self_attn.q_proj``), not ``wrapper.model.layers...``.
+        """
+
+        def __init__(self, model: Any, forward_fn: Callable[..., tuple]) -> None:
+            super().__init__()
+            object.__setattr__(self, "_modules", model._modules)
+            object.__setattr__(self, "_parameters", model._parameters)
+            object.__setattr__(self, "_buffers", model._buffers)
+            object.__setattr__(self, "_wrapped", model)
+            object.__setattr__(self, "_forward_fn", forward_fn)
+
+        def forward(self, *tensors: Any) -> tuple:
+            return self._forward_fn(self._wrapped, *tensors)
+
+    return _TaskModule
+
+
+@dataclass
+class ExportSpec:
+    """What to trace: example tensors, names, dynamic dims, and the forward that uses them."""
+
+    input_names: list[str]
+    output_names: list[str]
+    args: tuple
+    dims: list[dict[int, str]]  # per input: axis -> dim name
+    forward: Callable[..., tuple]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def dynamic_shapes(self) -> tuple:
+        """For ``torch.export``: one tuple (the ``*tensors`` argument) of per-input dim maps."""
+        from torch.export import Dim
+
+        cache: dict[str, Any] = {}
+        dims = tuple({axis: cache.setdefault(name, Dim(name.replace(" ", "_"))) for axis, name in d.items()}
+                     for d in self.dims)
+        return (dims,)
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """For the TorchScript exporter, including outputs."""
+        axes = dict(zip(self.input_names, self.dims))
+        axes.update(self.info.get("output_dims", {}))
+        return axes
+
+
+def _text_config(model: Any) -> Any:
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _example_ids(model: Any, batch: int, seq: int) -> Any:
+    torch = require_torch()
+    vocab = int(getattr(_text_config(model), "vocab_size", 100) or 100)
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(low=min(3, vocab - 1), high=vocab, size=(batch, seq), generator=generator)
+
+
+def _accepts(model: Any, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _encoder_spec(model: Any, task: str) -> ExportSpec:
+    torch = require_torch()
+    ids = _example_ids(model, _BATCH, _SEQUENCE)
+    names = ["input_ids", "attention_mask"]
+    args = [ids, torch.ones_like(ids)]
+    backbone = model.base_model if task == "feature-extraction" else model
+    if _accepts(backbone, "token_type_ids") and getattr(_text_config(model), "type_vocab_size", 0):
+        names.append("token_type_ids")
+        args.append(torch.zeros_like(ids))
+    dims = [{0: "batch", 1: "sequence"} for _ in names]
+    if task == "causal-lm":
+        output, out_dims = "logits", {0: "batch", 1: "sequence"}
+    elif task == "feature-extraction":
+        output, out_dims = "last_hidden_state", {0: "batch", 1: "sequence"}
+    else:
+        output, out_dims = "logits", {0: "batch"}
+    keys = list(names)
+
+    def forward(model: Any, *tensors: Any) -> tuple:
+        kwargs = dict(zip(keys, tensors))
+        if task == "feature-extraction":
+            return (model.base_model(**kwargs).last_hidden_state,)
+        if task == "causal-lm":
+            kwargs["use_cache"] = False
+        return (model(**kwargs).logits,)
+
+    return ExportSpec(names, [output], tuple(args), dims, forward, {"output_dims": {output: out_dims}})
+
+
+# -- KV cache: the only place that knows transformers' Cache API ------------------------------
+
+
+def make_cache(config: Any, pairs: Sequence[tuple[Any, Any]]) -> Any:
+    """A transformers DynamicCache holding ``pairs`` of (key, value) per layer.
+
+    transformers >= 4.56 (5.x included) take the pairs and the config in the constructor;
+    older versions build one from the legacy tuple format.
+    """
+    from transformers.cache_utils import DynamicCache
+
+    try:
+        return DynamicCache(list(pairs), config=config)
+    except TypeError:  # pragma: no cover - transformers < 4.56
+        return DynamicCache.from_legacy_cache(tuple(pairs))
+
+
+def cache_tensors(cache: Any) -> list[Any]:
+    """Flatten a cache to ``[key0, value0, key1, value1, ...]`` (each [batch, heads, seq, dim])."""
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    if hasattr(cache, "key_cache"):  # pragma: no cover - older DynamicCache
+        return [t for pair in zip(cache.key_cache, cache.value_cache) for t in pair]
+    return [t for pair in cache for t in pair[:2]]  # pragma: no cover - legacy tuples
+
+
+def _with_past_spec(model: Any) -> ExportSpec:
+    """Optimum's decoder layout: one graph for prefill (past_sequence = 0) and decode."""
+    torch = require_torch()
+    with torch.no_grad():
+        probe = model(input_ids=_example_ids(model, 1, 2), use_cache=True)
+    shapes = [tuple(t.shape) for t in cache_tensors(probe.past_key_values)]
+    if not shapes:
+        raise OnnxPeftError(f"{type(model).__name__} returned no KV cache; export it with task='causal-lm'")
+    num_layers = len(shapes) // 2
+    dtype = next(model.parameters()).dtype
+    generator = torch.Generator().manual_seed(1)
+    past = [torch.randn((_BATCH, s[1], _PAST, s[3]), generator=generator).to(dtype) for s in shapes]
+    ids = _example_ids(model, _BATCH, _SEQUENCE)
+    mask = torch.ones((_BATCH, _PAST + _SEQUENCE), dtype=torch.int64)
+    positions = torch.arange(_PAST, _PAST + _SEQUENCE, dtype=torch.int64).expand(_BATCH, -1).contiguous()
+    kv_names = [f"{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    input_names = ["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n in kv_names]
+    output_names = ["logits"] + [f"present.{n}" for n in kv_names]
+    dims = [{0: "batch", 1: "sequence"}, {0: "batch", 1: "total_sequence"}, {0: "batch", 1: "sequence"}]
+    dims += [{0: "batch", 2: "past_sequence"} for _ in kv_names]
+    output_dims = {"logits": {0: "batch", 1: "sequence"}}
+    output_dims.update({f"present.{n}": {0: "batch", 2: "total_sequence"} for n in kv_names})
+    config = model.config
+
+    def forward(model: Any, input_ids: Any, attention_mask: Any, position_ids: Any, *flat: Any) -> tuple:
+        cache = make_cache(config, [(flat[2 * i], flat[2 * i + 1]) for i in range(num_layers)])
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    past_key_values=cache, use_cache=True)
+        return (out.logits, *cache_tensors(out.past_key_values))
+
+    info = {"num_layers": num_layers, "num_kv_heads": shapes[0][1], "head_dim": shapes[0][3],
+            "output_dims": output_dims}
+    return ExportSpec(input_names, output_names, (ids, mask, positions, *past), dims, forward, info)
+
+
+def export_spec(model: Any, task: str) -> ExportSpec:
+    """The trace spec of ``task`` for a transformers model (adapter layers may be inside)."""
+    if task == "causal-lm-with-past":
+        return _with_past_spec(model)
+    return _encoder_spec(model, task)
+
+
+# --------------------------------------------------------------------------------------------
+# Running the exporter
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_warnings() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# Loggers that narrate every rewrite at INFO; our own log line says what matters.
+_CHATTY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._export", "torch._dynamo")
+
+
+@contextlib.contextmanager
+def _exporter_output() -> Iterator[None]:
+    """Keep torch.onnx's step prints (stdout), warnings and INFO logs out of the user's way.
+
+    The prints go to our debug log; loggers are restored afterwards.
+    """
+    buffer = io.StringIO()
+    loggers = [logging.getLogger(name) for name in _CHATTY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with _quiet_warnings(), contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if buffer.getvalue():
+            log.debug(buffer.getvalue().rstrip())
+
+
+def weight_bytes(module: Any) -> int:
+    """Bytes of all parameters and buffers (shared tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def run_exporter(model: Any, spec: ExportSpec, path: Path, opset: int | None = None,
+                 external_data: bool = False, quiet: bool = False) -> str:
+    """Trace ``model`` with ``spec`` and write ``path``; returns "dynamo" or "torchscript"."""
+    torch = require_torch()
+    from .graph.io import save_model
+
+    module = _task_module_class()(model, spec.forward)
+    common = dict(input_names=spec.input_names, output_names=spec.output_names, opset_version=opset)
+    try:
+        with _exporter_output(), torch.no_grad():
+            program = torch.onnx.export(module, spec.args, dynamo=True, optimize=True, verbose=False,
+                                        dynamic_shapes=spec.dynamic_shapes(), **common)
+        save_model(program.model, path, external_data=external_data)
+        return "dynamo"
+    except OnnxPeftError:
+        raise
+    except Exception as exc:
+        first = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        log.warning("torch.onnx dynamo export failed (%s); falling back to the TorchScript exporter", first)
+    try:
+        import onnx_ir as ir
+
+        with _exporter_output(), torch.no_grad(), tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            raw = Path(tmp) / MODEL_FILE
+            torch.onnx.export(module, spec.args, str(raw), dynamo=False, dynamic_axes=spec.dynamic_axes(),
+                              **common)
+            save_model(ir.load(raw), path, external_data=external_data)
+        return "torchscript"
+    except Exception as exc:
+        raise OnnxPeftError(
+            f"exporting {type(model).__name__} failed with both torch.onnx exporters "
+            f"(dynamo: {first}; TorchScript: {type(exc).__name__}: {exc}); try another task or "
+            "transformers version, or run with --debug for the traceback"
+        ) from exc
+
+
+def _io_info(model_path: Path) -> tuple[list[dict], list[dict]]:
+    import onnx
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+
+    def describe(values: Any) -> list[dict]:
+        out = []
+        for value in values:
+            tensor = value.type.tensor_type
+            shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+            out.append({"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name,
+                        "shape": shape})
+        return out
+
+    initializers = {i.name for i in proto.graph.initializer}
+    inputs = [v for v in proto.graph.input if v.name not in initializers]
+    return describe(inputs), describe(proto.graph.output)
+
+
+# --------------------------------------------------------------------------------------------
+# Modes
+# --------------------------------------------------------------------------------------------
+
+
+def _prepare(model_or_dir: Any, task: str, mode: str, dtype: str,
+             adapters: dict[str, Path]) -> tuple[Any, Any, str, str | None]:
+    """Returns ``(module to export, peft wrapper or None, task, source dir or None)``.
+
+    The module is a transformers model, possibly with adapter layers inside. A model the
+    caller passed in is copied before anything changes it (merge, fp16, new adapter layers).
+    """
+    torch = require_torch()
+    source: str | None = None
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        source = str(model_or_dir)
+        model, task = load_model_dir(model_or_dir, task)
+        owned = True
+    elif isinstance(model_or_dir, torch.nn.Module) and hasattr(transformers_model(model_or_dir), "config"):
+        model = model_or_dir
+        task = resolve_task(task, _architecture(model), source=type(transformers_model(model)).__name__)
+        owned = False
+    else:
+        raise OnnxPeftError(
+            f"cannot export a {type(model_or_dir).__name__}; pass a transformers model folder, a "
+            "transformers model, or a PeftModel"
+        )
+    peft = model if is_peft_model(model) else None
+    if mode in ("in-graph", "merged") and len(adapters) > 1:
+        raise AdapterConfigError(
+            f"mode {mode!r} exports one adapter, got {len(adapters)} ({', '.join(adapters)}); "
+            "use mode='inputs' or 'external' to serve several adapters from one model"
+        )
+    if adapters:
+        if not owned:
+            model, owned = copy.deepcopy(model), True
+        if mode in ("inputs", "external") and peft is None:
+            peft = slot_model(model, adapters)
+        else:
+            peft = attach_adapters(model, adapters)
+    if mode == "merged" and peft is not None:
+        if not owned:
+            peft, owned = copy.deepcopy(peft), True
+        inner = peft.merge_and_unload()
+        peft = None
+    else:
+        inner = transformers_model(peft if peft is not None else model)
+    if mode in ("inputs", "external") and peft is None:
+        raise AdapterConfigError(
+            f"mode {mode!r} needs adapter branches to extract; pass a PeftModel or adapters={{name: dir}}"
+        )
+    if dtype == "fp16":
+        if not owned:
+            inner = copy.deepcopy(inner)
+        inner = inner.half()
+    return inner, peft, task, source
+
+
+def _check_output_dir(output_dir: Path, inputs: Sequence[str | os.PathLike]) -> None:
+    resolved = output_dir.resolve()
+    for item in inputs:
+        if Path(item).resolve() == resolved:
+            raise UnsafePathError(f"{output_dir} is also an input folder; choose another output folder")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UnsafePathError(f"{output_dir} exists and is not a folder; choose another output folder")
+
+
+def _install(tmp: Path, output_dir: Path) -> None:
+    """Move the finished files of ``tmp`` into ``output_dir``, each with one rename."""
+    if not output_dir.exists():
+        os.replace(tmp, output_dir)
+        return
+    if not (tmp / (MODEL_FILE + ".data")).exists() and (output_dir / (MODEL_FILE + ".data")).exists():
+        os.remove(output_dir / (MODEL_FILE + ".data"))  # stale weights of an earlier export
+    for entry in sorted(tmp.iterdir(), key=lambda p: p.name == MODEL_FILE):  # model.onnx last
+        target = output_dir / entry.name
+        if entry.is_dir():
+            target.mkdir(exist_ok=True)
+            for child in entry.iterdir():
+                os.replace(child, target / child.name)
+        else:
+            os.replace(entry, target)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _extract(model_path: Path, mode: str) -> Path:
+    """Replace the in-graph ``model_path`` by its extracted form; returns the adapter file
+    holding the tensors that were in the graph (the exported adapter, in slot layout)."""
+    try:
+        from .passes.extract_adapters import extract_adapters
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"mode {mode!r} needs onnx_peft.passes.extract_adapters, which this install lacks"
+        ) from exc
+    staging = model_path.parent / ".extracted"
+    staging.mkdir()
+    new_model, adapter_file = extract_adapters(model_path, staging, make_inputs=mode == "inputs",
+                                               external=mode == "external")
+    for suffix in ("", ".data"):
+        stale = model_path.parent / (MODEL_FILE + suffix)
+        if stale.exists():
+            os.remove(stale)
+        if Path(str(new_model) + suffix).exists():
+            os.replace(Path(str(new_model) + suffix), stale)
+    return Path(adapter_file)
+
+
+def _convert(adapters: Mapping[str, Path], model_path: Path) -> dict[str, str]:
+    from .convert import convert_adapters
+
+    folder = model_path.parent / ADAPTER_DIR
+    folder.mkdir(exist_ok=True)
+    written = {}
+    for name, path in progress(adapters.items(), desc="convert adapters", total=len(adapters)):
+        convert_adapters(path, model_path, output_path=folder / f"{name}{ADAPTER_SUFFIX}")
+        written[name] = f"{ADAPTER_DIR}/{name}{ADAPTER_SUFFIX}"
+    return written
+
+
+def export(model_or_dir: Any, output_dir: str | os.PathLike, adapters: AdapterSpec = None,
+           task: str = "auto", mode: str = "in-graph", dtype: str = "fp32", opset: int | None = None,
+           quiet: bool = False, external_data: bool | None = None) -> Path:
+    """Export ``model_or_dir`` to ``output_dir/model.onnx`` and return that path.
+
+    ``model_or_dir``: a local transformers folder, a transformers model, or a PeftModel (ours
+    or Hugging Face's). ``adapters``: PEFT adapter folders, ``{name: dir}`` or a list (named
+    by folder); modes in-graph/merged take one, inputs/external any number (the model gets a
+    slot on every module any of them targets, and each is written to
+    ``adapters/NAME.onnx_adapter``). ``external_data``: None decides by size (> 1 GB).
+    A model passed in is never changed; the output appears only when complete.
+    """
+    if mode not in MODES:
+        raise OnnxPeftError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if dtype not in DTYPES:
+        raise OnnxPeftError(f"unknown dtype {dtype!r}; choose fp32 or fp16")
+    started = time.perf_counter()
+    output_dir = Path(output_dir)
+    named = normalize_adapters(adapters)
+    inputs = list(named.values()) + ([model_or_dir] if isinstance(model_or_dir, (str, os.PathLike)) else [])
+    _check_output_dir(output_dir, inputs)
+    steps = ["load", "export", "extract", "convert"] if mode in ("inputs", "external") else ["load", "export"]
+    bar = iter(progress(steps, desc="onnx-peft export", total=len(steps)))
+    next(bar, None)
+    module, peft, task, source = _prepare(model_or_dir, task, mode, dtype, named)
+    was_training = module.training
+    module.eval()
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
+    try:
+        spec = export_spec(module, task)
+        if external_data is None:
+            external_data = weight_bytes(module) > EXTERNAL_DATA_BYTES
+        next(bar, None)
+        model_path = tmp / MODEL_FILE
+        exporter = run_exporter(module, spec, model_path, opset, external_data, quiet)
+        written: dict[str, str] = {}
+        if mode in ("inputs", "external"):
+            next(bar, None)
+            extracted = _extract(model_path, mode)
+            next(bar, None)
+            if named:  # the graph held placeholder weights; convert the real adapters
+                written = _convert(named, model_path)
+            else:  # a PeftModel came with its own adapter: keep what was extracted
+                active = getattr(peft, "active_adapter", None) or "default"
+                name = active if isinstance(active, str) else active[0]
+                (tmp / ADAPTER_DIR).mkdir()
+                target = tmp / ADAPTER_DIR / f"{name}{extracted.suffix}"
+                os.replace(extracted, target)
+                written = {name: f"{ADAPTER_DIR}/{target.name}"}
+            shutil.rmtree(tmp / ".extracted", ignore_errors=True)
+        info_inputs, info_outputs = _io_info(model_path)
+        info = {
+            "task": task, "mode": mode, "dtype": dtype, "opset": opset, "exporter": exporter,
+            "architecture": type(module).__name__, "model_type": getattr(module.config, "model_type", None),
+            "source": source, "external_data": (tmp / (MODEL_FILE + ".data")).exists(),
+            "adapters": written if written else sorted(named),
+            "inputs": info_inputs, "outputs": info_outputs,
+            **{k: v for k, v in spec.info.items() if k != "output_dims"},
+        }
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        _install(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if was_training:
+            module.train()
+        for _ in bar:
+            pass
+    seconds = time.perf_counter() - started
+    if not quiet:
+        log.info("exported %s (%s, %s, %s) to %s in %.1f s", type(module).__name__, task, mode, exporter,
+                 output_dir / MODEL_FILE, seconds)
+    return output_dir / MODEL_FILE

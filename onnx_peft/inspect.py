@@ -1,0 +1,166 @@
+"""What is in a model, an adapter file, a PEFT adapter dir or a deploy dir: slots, ranks, contract.
+
+:func:`inspect_path` returns a plain dict (JSON-ready) so scripts and tests can read it;
+:func:`render_text` turns it into a few readable lines for the ``onnx-peft inspect`` command.
+Only headers and shapes are read: weights stay on disk (adapter files are small).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .config import CONFIG_NAME
+from .errors import OnnxPeftError
+from .graph.contract import CONTRACT_KEY, read_contract
+
+_ADAPTER_SUFFIXES = (".onnx_adapter", ".safetensors", ".npz")
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+
+
+def inspect_path(path: str | os.PathLike) -> dict[str, Any]:
+    """Describe ``path``: an .onnx model, an adapter file, a PEFT dir or a deploy dir."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / CONFIG_NAME).is_file():
+            return inspect_peft_dir(path)
+        if (path / "model.onnx").is_file():
+            adapters = sorted(p for p in (path / "adapters").glob("*") if p.suffix in _ADAPTER_SUFFIXES)
+            return {"kind": "deploy_dir", "path": str(path),
+                    "model": inspect_model(path / "model.onnx"),
+                    "adapters": {p.stem: inspect_adapter_file(p) for p in adapters}}
+        raise OnnxPeftError(f"{path}: neither a PEFT adapter dir ({CONFIG_NAME}) nor a deploy dir (model.onnx)")
+    if path.suffix == ".onnx":
+        return inspect_model(path)
+    if path.suffix in _ADAPTER_SUFFIXES:
+        return inspect_adapter_file(path)
+    raise OnnxPeftError(
+        f"{path}: cannot inspect; pass an .onnx model, an adapter file ({', '.join(_ADAPTER_SUFFIXES)}) "
+        "or a directory"
+    )
+
+
+def _modules_from_names(shapes: dict[str, tuple[tuple[Any, ...], str]]) -> dict[str, dict[str, Any]]:
+    """``{module: {"rank": r, "method": ...}}`` from slot tensor names and their shapes."""
+    modules: dict[str, dict[str, Any]] = {}
+    for name, (shape, _dtype) in sorted(shapes.items()):
+        if name.endswith(_A):
+            entry = modules.setdefault(name[: -len(_A)], {"method": "lora"})
+            entry["rank"] = shape[-1] if len(shape) == 2 else None
+            entry["in"] = shape[0] if shape else None
+        elif name.endswith(_B):
+            entry = modules.setdefault(name[: -len(_B)], {"method": "lora"})
+            entry["out"] = shape[-1] if shape else None
+    for name in shapes:
+        for module, entry in modules.items():
+            if name.startswith(module + ".") and not name.endswith((_A, _B)):
+                entry["method"] = "dora"
+    return modules
+
+
+def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
+    """Slots (from the contract), their modules, and adapters baked in as initializers."""
+    from .graph.io import load_model
+
+    model = load_model(path)
+    contract = read_contract(model.metadata_props)
+    graph = model.graph
+    inputs = {v.name for v in graph.inputs}
+    baked = {name: (tuple(v.shape), v.dtype.numpy().name) for name, v in graph.initializers.items()
+             if name not in inputs and name.endswith((_A, _B)) and v.shape is not None}
+    info: dict[str, Any] = {
+        "kind": "model", "path": str(path),
+        "inputs": [v.name for v in graph.inputs if v.const_value is None],
+        "outputs": [v.name for v in graph.outputs],
+        "has_contract": CONTRACT_KEY in model.metadata_props,
+        "fingerprint": contract.fingerprint if contract else "",
+        "slots": [], "modules": {}, "baked_modules": _modules_from_names(baked),
+    }
+    if contract is not None:
+        info["slots"] = [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "module": s.module,
+                          "method": s.method} for s in contract.slots]
+        for slot in contract.slots:
+            entry = info["modules"].setdefault(slot.module, {"method": slot.method, "slots": []})
+            entry["slots"].append(slot.name)
+    return info
+
+
+def inspect_adapter_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Tensors, per-module ranks and the recorded fingerprint of an adapter file."""
+    from .formats import format_for_path, load_adapter_file
+
+    tensors, fingerprint = load_adapter_file(path)
+    shapes = {n: (tuple(int(d) for d in t.shape), t.dtype.name) for n, t in tensors.items()}
+    return {
+        "kind": "adapter_file", "path": str(path), "format": format_for_path(path),
+        "fingerprint": fingerprint,
+        "tensors": {n: {"shape": list(s), "dtype": d} for n, (s, d) in sorted(shapes.items())},
+        "modules": _modules_from_names(shapes),
+    }
+
+
+def inspect_peft_dir(path: str | os.PathLike) -> dict[str, Any]:
+    """Config summary and per-module rank/scale of a PEFT adapter directory."""
+    from .convert import A_SUFFIX, MAGNITUDE_SUFFIX, group_peft_tensors
+    from .formats import read_peft_adapter
+
+    config, tensors = read_peft_adapter(path)
+    info: dict[str, Any] = {"kind": "peft_adapter", "path": str(path), "peft_type": config.peft_type,
+                            "modules": {}}
+    for key in ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "fan_in_fan_out",
+                "rank_pattern", "alpha_pattern", "base_model_name_or_path"):
+        if hasattr(config, key):
+            info[key] = getattr(config, key)
+    if config.peft_type == "LORA":
+        for module, parts in sorted(group_peft_tensors(tensors, str(path)).items()):
+            info["modules"][module] = {
+                "method": "dora" if MAGNITUDE_SUFFIX in parts else "lora",
+                "rank": int(parts[A_SUFFIX].shape[0]), "scale": float(config.scaling_for(module)),
+            }
+    else:
+        info["tensors"] = {k: list(v.shape) for k, v in sorted(tensors.items())}
+    return info
+
+
+def render_text(info: dict[str, Any]) -> str:
+    """A few readable lines describing ``inspect_path``'s result."""
+    kind = info["kind"]
+    lines = []
+    if kind == "deploy_dir":
+        lines.append(f"deploy dir {info['path']}")
+        lines.extend("  " + line for line in render_text(info["model"]).splitlines())
+        for name, adapter in info["adapters"].items():
+            lines.append(f"  adapter {name}:")
+            lines.extend("    " + line for line in render_text(adapter).splitlines())
+        return "\n".join(lines)
+    if kind == "model":
+        lines.append(f"model {info['path']}")
+        lines.append(f"  inputs: {', '.join(info['inputs'])}; outputs: {', '.join(info['outputs'])}")
+        lines.append(f"  contract: {'yes' if info['has_contract'] else 'none'}"
+                     + (f", fingerprint {info['fingerprint']}" if info["fingerprint"] else ""))
+        lines.append(f"  {len(info['slots'])} slots on {len(info['modules'])} modules")
+        for module, entry in sorted(info["modules"].items()):
+            shapes = [s["shape"] for s in info["slots"] if s["module"] == module]
+            lines.append(f"    {module} [{entry['method']}] {shapes}")
+        if info["baked_modules"]:
+            lines.append(f"  adapters baked in on {len(info['baked_modules'])} modules")
+            for module, entry in sorted(info["baked_modules"].items()):
+                lines.append(f"    {module} [{entry['method']}] rank {entry.get('rank')}")
+        return "\n".join(lines)
+    if kind == "adapter_file":
+        lines.append(f"adapter file {info['path']} ({info['format']})")
+        lines.append(f"  fingerprint: {info['fingerprint'] or 'none'}")
+        lines.append(f"  {len(info['tensors'])} tensors on {len(info['modules'])} modules")
+        for module, entry in sorted(info["modules"].items()):
+            lines.append(f"    {module} [{entry['method']}] rank {entry.get('rank')} "
+                         f"{entry.get('in')} -> {entry.get('out')}")
+        return "\n".join(lines)
+    lines.append(f"PEFT adapter {info['path']} ({info['peft_type']})")
+    for key in ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern"):
+        if key in info and info[key] not in (None, {}, False):
+            lines.append(f"  {key}: {info[key]}")
+    lines.append(f"  {len(info['modules'])} modules")
+    for module, entry in sorted(info["modules"].items()):
+        lines.append(f"    {module} [{entry['method']}] rank {entry['rank']} scale {entry['scale']:g}")
+    return "\n".join(lines)

@@ -1,0 +1,190 @@
+"""MergeAdapters: fold adapters into the base weights, leaving the plain base graph.
+
+Two sources of adapters::
+
+    in-graph branch   y = x W^T + s (x A^T) B^T      ->  W' = W + s B A            (LoRA)
+                                                      ->  W' = m / ||W + s B A|| * (W + s B A)  (DoRA)
+    PEFT adapter dir  adapter_config.json + adapter_model.safetensors, matched to base Linears
+
+The math is methods.lora's (lora_delta_weight, dora_weight). Each merged weight is an
+``ir.LazyTensor``: it is computed from the memory-mapped base weight only when the model is
+saved, one tensor at a time. Branch nodes and the initializers only they used are removed, so
+the result has the base graph's nodes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import InPlacePass, PassResult
+
+from ..errors import IncompatibleAdapterError, NoAdapterSitesError
+from ..graph.io import load_model, save_model
+from ..graph.modules import LinearSite, find_linear_sites
+from ..graph.sites import find_adapter_branches, remove_branch
+from ..methods.lora import dora_weight, lora_delta_weight
+
+
+def _exclusive_chain(site: LinearSite) -> bool:
+    """True when W reaches only this node (possibly through its own Transpose/Identity)."""
+    value = site.weight
+    while True:
+        if value.is_graph_output() or value.is_graph_input():
+            return False
+        uses = list(value.uses())
+        if len(uses) != 1:
+            return False
+        user = uses[0].node
+        if user is site.node:
+            return True
+        if user.op_type not in ("Transpose", "Identity"):
+            return False
+        value = user.outputs[0]
+
+
+def set_merged_weight(graph: ir.Graph, site: LinearSite,
+                      merged_out_in: Callable[[np.ndarray], np.ndarray]) -> None:
+    """Give ``site`` the weight ``merged_out_in(W [out, in])``, computed lazily at save time.
+
+    The initializer is replaced in place when only this Linear uses it; a shared weight (tied
+    embeddings) is left alone and the node gets a new initializer of its own.
+    """
+    old_tensor = site.weight.const_value
+    dtype = old_tensor.dtype
+    layout = site.weight_layout
+    exclusive = _exclusive_chain(site)
+    if not exclusive:  # the node reads the new weight directly, in the layout it consumes
+        trans_b = site.node.op_type == "Gemm" and site.node.attributes.get("transB") is not None \
+            and bool(site.node.attributes["transB"].value)
+        layout = "out_in" if trans_b else "in_out"
+    shape = (site.out_features, site.in_features) if layout == "out_in" else (site.in_features, site.out_features)
+    name = site.weight.name if exclusive else f"{site.module}.weight.merged"
+
+    def compute() -> ir.TensorProtocol:
+        weight = old_tensor.numpy()
+        weight = weight if site.weight_layout == "out_in" else weight.T
+        merged = merged_out_in(weight.astype(np.float32))
+        merged = merged if layout == "out_in" else merged.T
+        return ir.tensor(np.ascontiguousarray(merged).astype(dtype.numpy()), name=name)
+
+    lazy = ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(shape), name=name)
+    if exclusive:
+        site.weight.const_value = lazy
+        return
+    value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape), const_value=lazy)
+    graph.register_initializer(value)
+    site.node.replace_input_with(1, value)
+
+
+def _match_module(module: str, sites: dict[str, LinearSite]) -> str | None:
+    """The site key for an adapter module path: exact, else the one unique suffix match."""
+    if module in sites:
+        return module
+    hits = [k for k in sites if k.endswith("." + module) or module.endswith("." + k)]
+    return hits[0] if len(hits) == 1 else None
+
+
+class MergeAdapters(InPlacePass):
+    """Fold in-graph adapter branches (or ``adapter_dir``, a PEFT adapter) into the base weights.
+
+    ``strict``: raise NoAdapterSitesError when there is nothing to merge (else report
+    ``modified=False``).
+    """
+
+    def __init__(self, adapter_dir: str | os.PathLike | None = None, strict: bool = True) -> None:
+        super().__init__()
+        self.adapter_dir = None if adapter_dir is None else Path(adapter_dir)
+        self.strict = strict
+        self.merged: list[str] = []
+
+    def call(self, model: ir.Model) -> PassResult:
+        self.merged = []
+        if self.adapter_dir is not None:
+            self._merge_dir(model)
+        else:
+            self._merge_branches(model)
+        return PassResult(model, modified=bool(self.merged))
+
+    def _merge_branches(self, model: ir.Model) -> None:
+        branches = find_adapter_branches(model)
+        inputs = [m for m, b in branches.items() if b.is_input]
+        if inputs:
+            raise IncompatibleAdapterError(
+                f"MergeAdapters: module {inputs[0]} takes its adapter from graph inputs (an extracted "
+                "model); merge the PEFT adapter dir with adapter_dir=... (`--adapter DIR`) instead"
+            )
+        if not branches:
+            if self.strict:
+                raise NoAdapterSitesError(
+                    "MergeAdapters: the model has no in-graph adapter branch to merge; pass a PEFT "
+                    "adapter directory (`--adapter DIR`) to merge one into this base model"
+                )
+            return
+        for module, branch in branches.items():
+            delta = branch.delta_weight()
+            if branch.method == "dora":
+                base = branch.base.weight_out_in().astype(np.float32)
+                magnitude = branch.dora_magnitude(base, delta)
+
+                def merged(w: np.ndarray, d: np.ndarray = delta, m: np.ndarray = magnitude) -> np.ndarray:
+                    return dora_weight(w, d, m)
+            else:
+                def merged(w: np.ndarray, d: np.ndarray = delta) -> np.ndarray:
+                    return w + d
+            set_merged_weight(model.graph, branch.base, merged)
+            remove_branch(model.graph, branch)
+            self.merged.append(module)
+
+    def _merge_dir(self, model: ir.Model) -> None:
+        from ..convert import MAGNITUDE_SUFFIX, group_peft_tensors
+        from ..formats import read_peft_adapter
+        from ..methods.lora import LoraConfig
+
+        config, tensors = read_peft_adapter(self.adapter_dir)
+        source = str(self.adapter_dir)
+        if not isinstance(config, LoraConfig):
+            raise IncompatibleAdapterError(f"{source}: peft_type {config.peft_type} cannot be merged; only LoRA/DoRA")
+        if find_adapter_branches(model):
+            raise IncompatibleAdapterError(
+                f"{source}: the model already has adapter branches; merge those first (no --adapter)"
+            )
+        sites = find_linear_sites(model)
+        modules = group_peft_tensors(tensors, source)
+        unmapped = [m for m in modules if _match_module(m, sites) is None]
+        if unmapped:
+            raise IncompatibleAdapterError(
+                f"{source}: {len(unmapped)} adapter target(s) match no Linear of the model, e.g. "
+                f"{', '.join(sorted(unmapped)[:3])}; the model has e.g. {', '.join(list(sites)[:3])}"
+            )
+        for module, parts in sorted(modules.items()):
+            site = sites[_match_module(module, sites)]
+            a = np.asarray(parts["lora_A.weight"], np.float32)
+            b = np.asarray(parts["lora_B.weight"], np.float32)
+            if a.shape[1] != site.in_features or b.shape[0] != site.out_features:
+                raise IncompatibleAdapterError(
+                    f"{source}: module {module} has A {list(a.shape)}, B {list(b.shape)} but the model's "
+                    f"Linear is {site.in_features} -> {site.out_features}"
+                )
+            delta = lora_delta_weight(a, b, config.scaling_for(module))
+            if MAGNITUDE_SUFFIX in parts:
+                magnitude = np.asarray(parts[MAGNITUDE_SUFFIX], np.float32).reshape(-1)
+
+                def merged(w: np.ndarray, d: np.ndarray = delta, m: np.ndarray = magnitude) -> np.ndarray:
+                    return dora_weight(w, d, m)
+            else:
+                def merged(w: np.ndarray, d: np.ndarray = delta) -> np.ndarray:
+                    return w + d
+            set_merged_weight(model.graph, site, merged)
+            self.merged.append(module)
+
+
+def merge_adapters(model_path: str | os.PathLike, output_path: str | os.PathLike,
+                   adapter_dir: str | os.PathLike | None = None) -> Path:
+    """Merge the adapters of ``model_path`` (or ``adapter_dir``) and save to ``output_path``."""
+    model = load_model(model_path)
+    MergeAdapters(adapter_dir=adapter_dir)(model)
+    return save_model(model, output_path, external_data=True)
