@@ -40,7 +40,7 @@ from .errors import (
     RuntimeSessionError,
     require_onnxruntime,
 )
-from .graph.contract import CONTRACT_KEY, RANK_DIM, Contract, Slot, check_adapter, read_contract
+from .graph.contract import RANK_DIM, Contract, Slot, check_adapter, read_contract
 
 logger = logging.getLogger(__name__)
 

@@ -94,7 +94,14 @@ class Stack(nn.Module):
 
 
 def _build(kind: str) -> tuple[nn.Module, peft.LoraConfig, str]:
-    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        BertConfig,
+        BertModel,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     if kind.startswith("llama"):
         cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -126,7 +133,7 @@ def _export(module: nn.Module, args: tuple, path: Path, kind: str, input_name: s
                               output_names=["out"])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case(kind: str) -> Case:
     """Kinds: llama_dyn, llama_dyn_noopt, gpt2_dyn, bert_dora_ts, bert_dora_dyn, stack_ts, stack2d_ts."""
     torch.manual_seed(0)

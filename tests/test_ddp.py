@@ -1,7 +1,8 @@
 """DDP on CPU (gloo, 2 processes via torchrun): ranks end with identical adapters that moved.
 
-One run wraps a PeftModel in DistributedDataParallel with a plain loop; the other runs
-``onnx_peft.train`` (transformers.Trainer) under torchrun unchanged.
+One torchrun launch (startup is most of the cost) runs two workloads: a PeftModel wrapped in
+DistributedDataParallel with a plain loop, then ``onnx_peft.train`` (transformers.Trainer),
+which picks up the process group unchanged.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import sentiment_rows, tiny_llama
+from test_train import tiny_llama
 
 from onnx_peft import PeftModel
 
@@ -39,6 +40,7 @@ from onnx_peft import LoraConfig, get_peft_model
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
+plain = os.path.join(out, "plain")
 model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
 if rank == 1:  # different init on rank 1: DDP must broadcast rank 0's
     with torch.no_grad():
@@ -56,15 +58,15 @@ for step in range(3):
     optimizer.step()
     optimizer.zero_grad()
 end = {{k: v.contiguous() for k, v in model.adapter_state_dict("default").items()}}
-save_file(end, os.path.join(out, f"rank{{rank}}.safetensors"))
+save_file(end, os.path.join(plain, f"rank{{rank}}.safetensors"))
 if rank == 0:
-    save_file({{k: v.contiguous() for k, v in start.items()}}, os.path.join(out, "start.safetensors"))
-    model.save_pretrained(os.path.join(out, "adapter"))
+    save_file({{k: v.contiguous() for k, v in start.items()}}, os.path.join(plain, "start.safetensors"))
+    model.save_pretrained(os.path.join(plain, "adapter"))
 dist.barrier()
-dist.destroy_process_group()
 """
 
 TRAINER = """
+out = os.path.join(out, "trainer")
 from test_train import make_tokenizer, sentiment_rows, tiny_bert
 from onnx_peft import LoraConfig, get_peft_model
 from onnx_peft.train import train
@@ -80,14 +82,19 @@ with open(os.path.join(out, f"rank{{rank}}.json"), "w") as f:
 """
 
 
-def torchrun(script: str, out: Path) -> None:
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    (out / "plain").mkdir()
+    (out / "trainer").mkdir()
     path = out / "worker.py"
-    path.write_text(textwrap.dedent(COMMON.format(tests=str(TESTS)) + script.format()))
+    path.write_text(textwrap.dedent(COMMON.format(tests=str(TESTS)) + PLAIN_LOOP.format() + TRAINER.format()))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ONNX_PEFT_QUIET": "1", "HF_HUB_OFFLINE": "1",
            "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(path), str(out)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
+    return out
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -96,23 +103,21 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-def test_ddp_plain_loop_keeps_ranks_identical_and_saves_from_rank_0(tmp_path):
-    torchrun(PLAIN_LOOP, tmp_path)
-    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
-    start = load_file(tmp_path / "start.safetensors")
+def test_ddp_plain_loop_keeps_ranks_identical_and_saves_from_rank_0(ddp_run):
+    out = ddp_run / "plain"
+    rank0, rank1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+    start = load_file(out / "start.safetensors")
     assert_same(rank0, rank1)
     assert any(not torch.equal(start[k], rank0[k]) for k in start if ".lora_B." in k)
 
-    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(tiny_llama(), out / "adapter")
     assert_same({k: v.contiguous() for k, v in loaded.adapter_state_dict("default").items()}, rank0)
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="gloo via torchrun is tested on POSIX")
-def test_train_runs_under_torchrun_as_ddp(tmp_path):
-    torchrun(TRAINER, tmp_path)
-    info = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+def test_train_runs_under_torchrun_as_ddp(ddp_run):
+    out = ddp_run / "trainer"
+    info = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert info[0] == info[1] == {"world_size": 2, "global_step": 3}
-    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    rank0, rank1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
     assert_same(rank0, rank1)
-    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
-    assert_same(saved, rank0)
+    assert_same(load_file(out / "adapter" / "adapter_model.safetensors"), rank0)

@@ -169,3 +169,17 @@ def test_cli_multi_adapter_and_bench(models, tmp_path, capsys):
     assert main(["multi-adapter", str(tmp_path / "out" / "model.onnx"), "-o", str(tmp_path / "again")]) == 1
     assert main(["bench", str(slot), "--adapter", "broken"]) == 1
     assert "NAME=FILE" in capsys.readouterr().err
+
+
+def test_pass_refuses_a_model_without_slots(tmp_path):
+    import onnx_ir as ir
+
+    from onnx_peft.errors import NoAdapterSitesError
+
+    model = ir.from_onnx_text("""
+        <ir_version: 9, opset_import: ["" : 17]>
+        g (float[2, 3] x) => (float[2, 3] y) { y = Relu(x) }
+    """)
+    ir.save(model, tmp_path / "plain.onnx")
+    with pytest.raises(NoAdapterSitesError, match="no adapter slots"):
+        multi_adapter(tmp_path / "plain.onnx", tmp_path / "out")

@@ -29,7 +29,7 @@ def test_branches_found_by_structure(kind, targets, method, layouts):
         assert len(branches) == 10 and all(m.startswith("encoder.layer.") for m in branches)
     else:
         assert set(branches) == targets
-    for module, branch in branches.items():
+    for _module, branch in branches.items():
         assert branch.method == method
         assert (branch.lora_A_layout, branch.lora_B_layout) == layouts
         assert branch.scale == pytest.approx(2.0 if kind != "gpt2_dyn" else 4.0)

@@ -36,6 +36,17 @@ def slot_name(module_path: str, tensor: str) -> str:
     return f"{module_path}.{tensor}"
 
 
+def rank_dim(module_path: str) -> str:
+    """The symbolic rank dim of one module's slots: ``lora_r.<module>``.
+
+    One dim per module, not one shared ``lora_r``: ONNX Runtime plans buffers assuming equal
+    dim_params are equal, and crashes ("Shape mismatch attempting to re-use buffer") as soon as
+    two modules get different ranks in one run (rank_pattern, or an adapter that leaves some
+    slots at their zero-rank default).
+    """
+    return f"{RANK_DIM}.{module_path}"
+
+
 def strip_peft_prefix(key: str) -> str:
     """``base_model.model.model.layers.0...`` -> ``model.layers.0...``."""
     return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key

@@ -23,8 +23,14 @@ import numpy as np
 import onnx_ir as ir
 
 from ..methods.lora import lora_delta_weight, row_norm
-from .modules import (LinearSite, constant_array, find_linear_sites, is_graph_input, resolve_weight,
-                      skip_pass_through)
+from .modules import (
+    LinearSite,
+    constant_array,
+    find_linear_sites,
+    is_graph_input,
+    resolve_weight,
+    skip_pass_through,
+)
 
 _PASS_THROUGH = ("Identity", "Dropout", "Cast")
 _MAX_BRANCH_NODES = 80
@@ -196,7 +202,7 @@ def _dora_chain(value: ir.Value, x: ir.Value, out_features: int) -> tuple | None
     if add is None or add.op_type != "Add":
         return None
     for lora_side in add.inputs:
-        scale, nodes = 1.0, []
+        scale, _nodes = 1.0, []
         current = lora_side
         factor = magnitude = None
         while (producer := current.producer()) is not None and producer.op_type in ("Mul", *_PASS_THROUGH):

@@ -130,7 +130,7 @@ class MultiAdapterPass(ir.passes.InPlacePass):
     def _rewire(self, graph: ir.Graph, a_node: ir.Node, b_node: ir.Node, ids: ir.Value,
                 banks: dict[str, ir.Value], module: str, d_in: int) -> None:
         gathered = {}
-        for kind, node in [("A", a_node), ("B", b_node)]:
+        for kind in ("A", "B"):
             gather = ir.node("Gather", [banks[kind], ids], {"axis": 0}, name=f"{banks[kind].name}/Gather")
             gather.outputs[0].name = f"{banks[kind].name}/rows"
             graph.insert_before(a_node, gather)
@@ -171,6 +171,6 @@ def multi_adapter(model_path: str | os.PathLike, output_dir: str | os.PathLike,
         MultiAdapterPass(ids_input)(model)
     except ir.passes.PreconditionError as exc:  # surface our own error, not the wrapper
         if isinstance(exc.__cause__, OnnxPeftError):
-            raise OnnxPeftError(f"{model_path}: {exc.__cause__}") from exc.__cause__
+            raise type(exc.__cause__)(f"{model_path}: {exc.__cause__}") from exc.__cause__
         raise
     return save_model(model, output_dir / "model.onnx")

@@ -1,0 +1,263 @@
+"""JSON pass recipes, in the shape of Olive workflow configs, run as onnx_ir pass pipelines.
+
+A recipe::
+
+    {
+      "input_model": {"type": "HfModel", "model_path": "my-model"} | {"type": "ONNXModel", "model_path": "m.onnx"},
+      "adapters": {"sentiment": "adapters/sentiment"},          # PEFT dirs (optional)
+      "passes": [{"type": "ExtractAdapters", "make_inputs": true}, ...]   # or Olive's {"name": {...}}
+      "output_dir": "out"
+    }
+
+Step kinds: ``LoRA`` trains an adapter on the HF model (Olive's LoRA pass), ``OnnxConversion``
+exports it, and the graph steps (``MergeAdapterWeights``, ``ExtractAdapters``,
+``InsertAdapters``, ``MultiAdapter``) run back to back as one ``onnx_ir`` PassManager on the
+loaded model, saved once. Every step's type and options are checked before any work starts;
+a mistake lists the valid names. Paths in a recipe are relative to the recipe file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import RecipeError
+
+RECIPES_DIR = Path(__file__).with_name("recipes")
+
+
+@dataclass
+class RecipeState:
+    """What the pipeline has produced so far."""
+
+    output_dir: Path
+    hf_model: Path | None = None
+    onnx_model: Path | None = None
+    adapters: dict[str, Path] = field(default_factory=dict)
+    adapter_files: dict[str, Path] = field(default_factory=dict)
+    log: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StepType:
+    """A recipe step: its options (name -> default) and whether it is an onnx_ir graph pass."""
+
+    options: Mapping[str, Any]
+    graph_pass: bool
+    build: Callable[[dict[str, Any], RecipeState], Any]
+
+
+# -- step builders --------------------------------------------------------------------------------
+def _lora(options: dict[str, Any], state: RecipeState) -> None:
+    from .train import train
+
+    if state.hf_model is None:
+        raise RecipeError("LoRA: the recipe needs an input_model of type HfModel (a transformers folder)")
+    data = options.get("train_data_config") or {}
+    if "data_files" not in data:
+        raise RecipeError("LoRA: train_data_config.data_files (a local .jsonl/.csv/.txt file) is required")
+    config = {"r": options["r"], "lora_alpha": options["alpha"], "lora_dropout": options["lora_dropout"],
+              "target_modules": options["target_modules"], "use_dora": options["use_dora"]}
+    name = options["adapter_name"]
+    out = state.output_dir / "adapters_peft" / name
+    train(state.hf_model, data["data_files"], out, method="lora", task=data.get("task", "sequence-classification"),
+          text_field=data.get("text_field", "text"), label_field=data.get("label_field", "label"),
+          config=config, training_args=options.get("training_args") or {}, eval_data=data.get("eval_files"))
+    state.adapters[name] = out
+    state.log.append(f"LoRA: trained adapter {name!r} -> {out}")
+
+
+def _onnx_conversion(options: dict[str, Any], state: RecipeState) -> None:
+    from .export import export
+
+    if state.hf_model is None:
+        raise RecipeError("OnnxConversion: the recipe needs an input_model of type HfModel")
+    out = state.output_dir / "exported"
+    mode = options["mode"]
+    adapters = dict(state.adapters) or None
+    if mode == "in-graph" and adapters and len(adapters) > 1:
+        mode = "inputs"
+    state.onnx_model = export(state.hf_model, out, adapters=adapters, task=options["task"], mode=mode,
+                              dtype=options["dtype"], opset=options["target_opset"])
+    for path in sorted((out / "adapters").glob("*.onnx_adapter")):
+        state.adapter_files[path.stem] = path
+    state.log.append(f"OnnxConversion: {state.onnx_model}")
+
+
+def _merge(options: dict[str, Any], state: RecipeState) -> Any:
+    from .passes.merge_adapters import MergeAdapters
+
+    adapter = options["adapter"]
+    if adapter is not None and adapter not in state.adapters:
+        adapter_dir = Path(adapter)
+    else:
+        adapter_dir = state.adapters.get(adapter) if adapter else None
+    return MergeAdapters(adapter_dir=adapter_dir)
+
+
+def _extract(options: dict[str, Any], state: RecipeState) -> Any:
+    from .passes.extract_adapters import ExtractAdapters
+
+    save_format = {"numpy": "npz"}.get(options["save_format"], options["save_format"])
+    return ExtractAdapters(make_inputs=options["make_inputs"], pack_inputs=options["pack_inputs"],
+                           optional_inputs=options["optional_inputs"], external=options["external"],
+                           save_format=save_format)
+
+
+def _insert(options: dict[str, Any], state: RecipeState) -> Any:
+    from .passes.insert_adapters import InsertAdapters
+
+    if not state.adapters:
+        raise RecipeError("InsertAdapters: the recipe names no adapters (add \"adapters\" or a LoRA step)")
+    return InsertAdapters(dict(state.adapters), mode=options["mode"])
+
+
+def _multi(options: dict[str, Any], state: RecipeState) -> Any:
+    from .passes.multi_adapter import MultiAdapterPass
+
+    return MultiAdapterPass(ids_input=options["ids_input"])
+
+
+STEP_TYPES: dict[str, StepType] = {
+    "LoRA": StepType({"r": 16, "alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear",
+                      "use_dora": False, "adapter_name": "default", "train_data_config": None,
+                      "training_args": None}, False, _lora),
+    "OnnxConversion": StepType({"task": "auto", "mode": "in-graph", "dtype": "fp32", "target_opset": None},
+                               False, _onnx_conversion),
+    "MergeAdapterWeights": StepType({"adapter": None}, True, _merge),
+    "ExtractAdapters": StepType({"make_inputs": True, "pack_inputs": False, "optional_inputs": True,
+                                 "external": False, "dynamic_lora_r": True, "save_format": "onnx_adapter"},
+                                True, _extract),
+    "InsertAdapters": StepType({"mode": "slots"}, True, _insert),
+    "MultiAdapter": StepType({"ids_input": "adapter_ids"}, True, _multi),
+}
+ALIASES = {"MergeAdapters": "MergeAdapterWeights", "Export": "OnnxConversion", "LoRAPass": "LoRA"}
+
+
+# -- loading and checking --------------------------------------------------------------------------
+def _steps(recipe: Mapping[str, Any], source: str) -> list[tuple[str, dict[str, Any]]]:
+    passes = recipe.get("passes")
+    if isinstance(passes, Mapping):
+        entries = list(passes.values())
+    elif isinstance(passes, list):
+        entries = passes
+    else:
+        raise RecipeError(f"{source}: 'passes' must be a list of pass entries (or Olive's name -> entry map)")
+    steps = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, Mapping) or "type" not in entry:
+            raise RecipeError(f"{source}: pass #{index + 1} needs a \"type\"; valid: {', '.join(STEP_TYPES)}")
+        type_name = ALIASES.get(entry["type"], entry["type"])
+        if type_name not in STEP_TYPES:
+            raise RecipeError(f"{source}: pass #{index + 1} has unknown type {entry['type']!r}; "
+                              f"valid: {', '.join(STEP_TYPES)}")
+        step = STEP_TYPES[type_name]
+        unknown = sorted(set(entry) - {"type"} - set(step.options))
+        if unknown:
+            raise RecipeError(f"{source}: pass #{index + 1} ({type_name}) has unknown option {unknown[0]!r}; "
+                              f"valid: {', '.join(step.options) or 'none'}")
+        steps.append((type_name, {**step.options, **{k: v for k, v in entry.items() if k != "type"}}))
+    if not steps:
+        raise RecipeError(f"{source}: the recipe has no passes")
+    return steps
+
+
+def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a recipe file (a path, or the name of a shipped recipe such as ``merge.json``)."""
+    path = Path(path)
+    if not path.exists() and (RECIPES_DIR / path.name).exists():
+        path = RECIPES_DIR / path.name
+    try:
+        recipe = json.loads(path.read_text())
+    except FileNotFoundError:
+        shipped = ", ".join(sorted(p.name for p in RECIPES_DIR.glob("*.json")))
+        raise RecipeError(f"{path}: no such recipe; shipped recipes: {shipped}") from None
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"{path}: a recipe is a JSON object")
+    recipe["_base_dir"] = str(path.resolve().parent)
+    return recipe
+
+
+def _resolve(base: Path, value: str | os.PathLike | None) -> Path | None:
+    if value is None:
+        return None
+    value = Path(value)
+    return value if value.is_absolute() or value.exists() else base / value
+
+
+def run_recipe(recipe: Mapping[str, Any] | str | os.PathLike, model: str | os.PathLike | None = None,
+               adapters: Mapping[str, str | os.PathLike] | None = None,
+               output_dir: str | os.PathLike | None = None, data: str | os.PathLike | None = None) -> RecipeState:
+    """Run a recipe; arguments override the recipe's input model, adapters, output dir and data."""
+    import onnx_ir as ir
+
+    from .graph.io import load_model, save_model
+
+    if not isinstance(recipe, Mapping):
+        recipe = load_recipe(recipe)
+    base = Path(recipe.get("_base_dir", "."))
+    source = recipe.get("_source", "recipe")
+    steps = _steps(recipe, source)
+    input_model = recipe.get("input_model") or {}
+    if isinstance(input_model, str):
+        input_model = {"model_path": input_model}
+    model_path = Path(model) if model else _resolve(base, input_model.get("model_path"))
+    if model_path is None:
+        raise RecipeError(f"{source}: no input model; give input_model.model_path or --model")
+    out = Path(output_dir) if output_dir else _resolve(base, recipe.get("output_dir", "recipe_output"))
+    state = RecipeState(output_dir=out)
+    is_onnx = model_path.suffix == ".onnx" or input_model.get("type") == "ONNXModel"
+    state.onnx_model, state.hf_model = (model_path, None) if is_onnx else (None, model_path)
+    recipe_adapters = {k: _resolve(base, v) for k, v in (recipe.get("adapters") or {}).items()}
+    state.adapters = {k: Path(v) for k, v in (adapters or recipe_adapters).items()}
+    if data is not None:
+        for _, options in steps:
+            if "train_data_config" in options:
+                options["train_data_config"] = {**(options["train_data_config"] or {}), "data_files": str(data)}
+    out.mkdir(parents=True, exist_ok=True)
+
+    index = 0
+    while index < len(steps):
+        type_name, options = steps[index]
+        if not STEP_TYPES[type_name].graph_pass:
+            STEP_TYPES[type_name].build(options, state)
+            index += 1
+            continue
+        group = []
+        while index < len(steps) and STEP_TYPES[steps[index][0]].graph_pass:
+            group.append(steps[index])
+            index += 1
+        if state.onnx_model is None:
+            raise RecipeError(f"{source}: {group[0][0]} needs an ONNX model; add an OnnxConversion step first")
+        passes = [STEP_TYPES[name].build(opts, state) for name, opts in group]
+        ir_model = load_model(state.onnx_model)
+        ir.passes.PassManager(passes)(ir_model)
+        state.onnx_model = save_model(ir_model, out / "model.onnx", external_data=True)
+        _write_adapter_files(passes, state)
+        state.log.append(f"{' + '.join(name for name, _ in group)}: {state.onnx_model}")
+    return state
+
+
+def _write_adapter_files(passes: list[Any], state: RecipeState) -> None:
+    """Side outputs of graph passes: the adapters that left the graph, as adapter files."""
+    from .formats import save_adapter_file
+    from .passes.extract_adapters import ExtractAdapters
+    from .passes.insert_adapters import InsertAdapters, adapter_file_tensors
+
+    for graph_pass in passes:
+        if isinstance(graph_pass, ExtractAdapters) and graph_pass.tensors:
+            suffix = {"onnx_adapter": ".onnx_adapter", "safetensors": ".safetensors", "npz": ".npz"}
+            path = state.output_dir / "adapters" / f"extracted{suffix[graph_pass.save_format]}"
+            state.adapter_files["extracted"] = save_adapter_file(
+                path, graph_pass.tensors, graph_pass.contract.fingerprint, graph_pass.save_format)
+        if isinstance(graph_pass, InsertAdapters) and graph_pass.mode == "slots":
+            for name, adapter in graph_pass.adapters.items():
+                tensors = adapter_file_tensors(adapter, graph_pass.contract)
+                path = state.output_dir / "adapters" / f"{name}.onnx_adapter"
+                state.adapter_files[name] = save_adapter_file(path, tensors, graph_pass.contract.fingerprint)
