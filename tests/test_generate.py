@@ -177,3 +177,12 @@ def test_cli_infer_generates_like_the_session(exported, capsys):
     assert main(["infer", str(multi), "--input-ids", "1,x"]) == 1
     assert main(["infer", str(multi), "--text", "hi"]) == 1
     assert "--tokenizer" in capsys.readouterr().err
+
+
+def test_peft_dir_loads_like_its_converted_file(exported):
+    _, dirs, path, _ = exported
+    session = AdapterSession(path)
+    session.load_adapter("file", path.parent / "adapters" / "a.onnx_adapter")
+    session.load_adapter("dir", dirs["a"])
+    assert np.array_equal(session.generate(PROMPTS, 4, adapter="dir", attention_mask=MASK),
+                          session.generate(PROMPTS, 4, adapter="file", attention_mask=MASK))

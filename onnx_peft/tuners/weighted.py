@@ -48,8 +48,6 @@ def _random_prune(tensor: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def _majority_sign_mask(tensors: torch.Tensor, method: str) -> torch.Tensor:
-    if method not in ("total", "frequency"):
-        raise AdapterConfigError(f"majority_sign_method must be 'total' or 'frequency', got {method!r}")
     sign = tensors.sign()
     votes = tensors.sum(0) if method == "total" else sign.sum(0)
     majority = torch.where(votes >= 0, 1.0, -1.0).to(tensors.dtype)
@@ -63,9 +61,11 @@ def _disjoint_merge(tensors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def combine(tensors: list[torch.Tensor], weights: torch.Tensor, method: str, density: float | None,
             majority_sign_method: str) -> torch.Tensor:
-    """Merge same-shaped task tensors with one of PEFT's task-arithmetic methods."""
-    if method != "linear" and (density is None or not 0.0 < density <= 1.0):
-        raise AdapterConfigError(f"combination_type {method!r} needs density in (0, 1], got {density!r}")
+    """Merge same-shaped task tensors with one of PEFT's task-arithmetic methods.
+
+    ``method`` is a combination_type without its ``_svd`` suffix; arguments are checked by
+    :func:`check_arguments` before any tensor is touched.
+    """
     if method in ("linear", "svd"):
         return _weighted_sum(torch.stack(tensors), weights)
     if method == "magnitude_prune":
@@ -80,6 +80,17 @@ def combine(tensors: list[torch.Tensor], weights: torch.Tensor, method: str, den
 
 
 # -- the verb ---------------------------------------------------------------------------------
+def check_arguments(combination_type: str, density: float | None, majority_sign_method: str) -> None:
+    """Refuse bad arguments up front, so a failed call leaves the model as it was."""
+    method = combination_type.removesuffix("_svd")
+    if method not in ("linear", "svd", "cat") and (density is None or not 0.0 < density <= 1.0):
+        raise AdapterConfigError(f"combination_type {combination_type!r} needs density in (0, 1], got {density!r}")
+    if method in ("ties", "dare_ties") and majority_sign_method not in ("total", "frequency"):
+        raise AdapterConfigError(
+            f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}"
+        )
+
+
 def _new_rank(model: PeftModel, adapters: list[str], combination_type: str, svd_rank: int | None) -> int:
     ranks = [max([c.r, *c.rank_pattern.values()]) for c in (model.peft_config[a] for a in adapters)]
     if combination_type in _SAME_RANK:
@@ -119,6 +130,7 @@ def add_weighted_adapter(model: PeftModel, adapters: list[str], weights: list[fl
         raise AdapterConfigError("add_weighted_adapter cannot combine DoRA adapters (their magnitudes do not add)")
     combination_type = "linear" if len(adapters) == 1 else combination_type
     new_rank = _new_rank(model, adapters, combination_type, svd_rank)
+    check_arguments(combination_type, density, majority_sign_method)
     targets = [c.target_modules for c in configs]
     if len({type(t) for t in targets}) > 1:
         raise AdapterConfigError("cannot combine adapters whose target_modules mix regex strings and lists")
@@ -130,11 +142,15 @@ def add_weighted_adapter(model: PeftModel, adapters: list[str], weights: list[fl
                                  rank_pattern={}, alpha_pattern={}, init_lora_weights=True,
                                  layers_to_transform=None, layers_pattern=None)
     model.add_adapter(adapter_name, config)
-    with torch.no_grad():
-        for _, layer in model._layers():
-            if isinstance(layer, LoraLayer) and adapter_name in layer.r:
-                _fill(layer, adapter_name, adapters, weights, combination_type, new_rank, svd_clamp,
-                      svd_full_matrices, density, majority_sign_method)
+    try:
+        with torch.no_grad():
+            for _, layer in model._layers():
+                if isinstance(layer, LoraLayer) and adapter_name in layer.r:
+                    _fill(layer, adapter_name, adapters, weights, combination_type, new_rank, svd_clamp,
+                          svd_full_matrices, density, majority_sign_method)
+    except BaseException:
+        model.delete_adapter(adapter_name)
+        raise
     model.set_adapter(model.active_adapters)
 
 
@@ -154,7 +170,7 @@ def _fill(layer: LoraLayer, target: str, adapters: list[str], weights: list[floa
         new_B[:, : Bs.shape[1]] = Bs
     elif combination_type in _SVD:
         deltas = [layer.get_delta_weight(a) for a, _ in present]
-        method = combination_type[: -len("_svd")] if combination_type != "svd" else "svd"
+        method = combination_type.removesuffix("_svd")
         delta = combine(deltas, torch.tensor([w for _, w in present], dtype=deltas[0].dtype), method,
                         density, majority_sign_method)
         if isinstance(layer, Conv):
