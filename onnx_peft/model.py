@@ -129,13 +129,17 @@ class PeftModel(nn.Module):
         if config.task_type == "SEQ_CLS":
             extra = [h for h in _SEQ_CLS_HEADS if h not in (config.modules_to_save or [])]
             config.modules_to_save = list(config.modules_to_save or []) + extra
-        matched = self._inject(model, adapter_name, config)
-        if not matched:
+        try:
+            if not self._inject(model, adapter_name, config):
+                raise AdapterConfigError(
+                    f"target modules {config.target_modules!r} matched no supported module of "
+                    f"{type(model).__name__}; check the names with model.named_modules()"
+                )
+        except BaseException:
             self._remove_adapter_everywhere(adapter_name)
-            raise AdapterConfigError(
-                f"target modules {config.target_modules!r} matched no supported module of "
-                f"{type(model).__name__}; check the names with model.named_modules()"
-            )
+            if not self.peft_config:
+                self._unload(keep_saved_modules=False)  # drop the wrappers this call put in
+            raise
         self.peft_config[adapter_name] = config
         self.set_adapter(self.active_adapters or [adapter_name])
 
@@ -257,12 +261,17 @@ class PeftModel(nn.Module):
         self.unmerge_adapter()
         return self._unload()
 
-    def _unload(self) -> nn.Module:
+    def _unload(self, keep_saved_modules: bool = True) -> nn.Module:
+        """Put the wrapped modules back; a modules_to_save wrapper leaves its active trained copy
+        (PEFT's unload) unless ``keep_saved_modules`` is False (undoing a failed load)."""
         model = self.base_model.model
         for key, layer in list(self._layers()):
             if self._is_inside_tuner(model, key):
                 continue
-            new = layer.base_layer if isinstance(layer, AdapterLayer) else layer.current()
+            if isinstance(layer, AdapterLayer):
+                new = layer.base_layer
+            else:
+                new = layer.current() if keep_saved_modules else layer.original_module
             self._replace(model, key, new)
         self.peft_config = {}
         return model
@@ -354,7 +363,11 @@ class PeftModel(nn.Module):
         fresh = dataclasses.replace(config, init_lora_weights=True)  # never re-run PiSSA/OLoRA on load
         peft_model = cls(model, fresh, adapter_name)
         peft_model.peft_config[adapter_name].init_lora_weights = config.init_lora_weights
-        peft_model._load_weights(model_id, adapter_name, allow_pickle)
+        try:
+            peft_model._load_weights(model_id, adapter_name, allow_pickle)
+        except OnnxPeftError:
+            peft_model._unload(keep_saved_modules=False)  # hand the caller's model back untouched
+            raise
         peft_model.set_adapter(adapter_name)
         return peft_model
 
