@@ -10,7 +10,7 @@ LoRA r=16 on all linear layers, fp32 on CPU, one step = forward + backward + Ada
 
 Prints ratios ours/PEFT and writes the "## Training step" section of BENCHMARKS.md::
 
-    python benchmarks/train_step.py            # ~3-5 min on 2 cores
+    python benchmarks/train_step.py            # ~3-4 min on 2 busy cores
     python benchmarks/train_step.py --steps 20 --no-write
 """
 
@@ -100,7 +100,7 @@ def measure_memory(args: argparse.Namespace) -> dict[str, dict]:
     random.shuffle(order)
     for side in order:
         cmd = [sys.executable, __file__, "--child", side, "--rank", str(args.rank), "--batch", str(args.batch),
-               "--seq", str(args.seq), "--memory-steps", str(args.memory_steps)]
+               "--seq", str(args.seq), "--memory-steps", str(args.memory_steps), "--threads", str(args.threads)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results[side] = json.loads(out.strip().splitlines()[-1])
     return results
@@ -146,10 +146,14 @@ def main() -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--memory-steps", type=int, default=3, help="steps per memory subprocess (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the interleaving order")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: steady figures on a shared machine; 0 = torch's default)")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.child:
         child(args.child, args)
         return 0
@@ -180,7 +184,8 @@ def main() -> int:
     details = (f"Step time range: ours {spread['ours'][0]:.3f}-{spread['ours'][1]:.3f} s, "
                f"PEFT {spread['peft'][0]:.3f}-{spread['peft'][1]:.3f} s. "
                f"Trainable parameters: ours {memory['ours']['trainable']:,}, PEFT {memory['peft']['trainable']:,}.")
-    command = f"python benchmarks/train_step.py --steps {args.steps} --batch {args.batch} --seq {args.seq} --rank {args.rank}"
+    command = (f"python benchmarks/train_step.py --steps {args.steps} --batch {args.batch} --seq {args.seq} "
+               f"--rank {args.rank} --threads {args.threads}")
     section = "\n".join([
         SECTION, "",
         "LoRA r=16 (alpha 32) on all linear layers of a Llama-shaped model (hidden 1024, 4 layers,",

@@ -573,13 +573,48 @@ def run_exporter(model: Any, spec: ExportSpec, path: Path, opset: int | None = N
             torch.onnx.export(module, spec.args, str(raw), dynamo=False, dynamic_axes=spec.dynamic_axes(),
                               **common)
             save_model(ir.load(raw), path, external_data=external_data)
-        return "torchscript"
     except Exception as exc:
         raise OnnxPeftError(
             f"exporting {type(model).__name__} failed with both torch.onnx exporters "
             f"(dynamo: {first}; TorchScript: {type(exc).__name__}: {exc}); try another task or "
             "transformers version, or run with --debug for the traceback"
         ) from exc
+    diff = check_outputs(module, spec, path)
+    atol = _FALLBACK_CHECK_ATOL.get(str(next(model.parameters()).dtype), 1e-4)
+    if diff is not None and not diff <= atol:
+        raise OnnxPeftError(
+            f"the TorchScript exporter (used because dynamo failed: {first}) wrote a model whose "
+            f"outputs differ from PyTorch by {diff:.3g}; it cannot export {type(model).__name__} "
+            "with this transformers version. Fix the dynamo failure (--debug shows it)"
+        )
+    return "torchscript"
+
+
+# A gross-error gate for the TorchScript fallback (which silently mis-traces some transformers
+# 5.x models), not a parity claim: tests hold dynamo exports to 1e-5.
+_FALLBACK_CHECK_ATOL = {"torch.float32": 1e-4, "torch.float16": 1e-2, "torch.bfloat16": 1e-1}
+
+
+def check_outputs(module: Any, spec: ExportSpec, path: Path) -> float | None:
+    """Max abs difference between ONNX Runtime (CPU) and PyTorch on the traced example inputs.
+
+    None when onnxruntime is not installed (the check is then skipped with a warning).
+    """
+    torch = require_torch()
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        log.warning("onnxruntime is not installed; %s is not checked against PyTorch", path)
+        return None
+    import numpy as np
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    feeds = {n: a.numpy() for n, a in zip(spec.input_names, spec.args) if n in names}
+    got = session.run(spec.output_names, feeds)
+    with torch.no_grad():
+        want = spec.forward(module._wrapped, *spec.args)
+    return max(float(np.abs(g.astype(np.float32) - w.float().numpy()).max()) for g, w in zip(got, want))
 
 
 def _io_info(model_path: Path) -> tuple[list[dict], list[dict]]:

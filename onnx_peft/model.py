@@ -409,7 +409,14 @@ class PeftModel(nn.Module):
         with torch.no_grad():
             for key, value in tensors.items():
                 param = state[ours[key]]
-                param.copy_(torch.from_numpy(value.astype(value.dtype, copy=True)).to(param.dtype))
+                param.copy_(_to_torch(value).to(param.dtype))
+
+
+def _to_torch(value: Any) -> torch.Tensor:
+    """numpy -> torch; bfloat16 (ml_dtypes, which torch.from_numpy rejects) goes through its bits."""
+    if value.dtype.name == "bfloat16":
+        return torch.from_numpy(value.view("uint16").copy()).view(torch.bfloat16)
+    return torch.from_numpy(value.copy())
 
 
 def _targets_embedding_by_name(config: LoraConfig, model: nn.Module) -> bool:

@@ -193,6 +193,12 @@ class AdapterSession:
         self._adapters: dict[str, _Loaded] = {}
         self._banks: _Banks | None = None
 
+    @property
+    def input_names(self) -> list[str]:
+        """The inputs a caller feeds: everything but adapter slots, banks and adapter ids."""
+        managed = self._slot_names | self._managed | {self._ids_input}
+        return [name for name, spec in self._inputs.items() if spec.required and name not in managed]
+
     # -- adapters ------------------------------------------------------------------------------
     @property
     def adapters(self) -> list[str]:

@@ -333,14 +333,13 @@ def train(model_dir_or_model: str | os.PathLike | nn.Module, data: str | os.Path
     quiet = quiet or env_quiet()
     output_dir = Path(output_dir)
     user_args = dict(training_args or {})
-    checkpointing = bool(user_args.pop("gradient_checkpointing", False) or user_args.pop("activation_checkpointing", False))
-    checkpoint_kwargs = user_args.pop("gradient_checkpointing_kwargs", None) or user_args.pop(
-        "activation_checkpointing_kwargs", None) or {}
+    checkpointing, checkpoint_kwargs = _pop_checkpointing(user_args)
 
     train_data = load_text_data(data, task, text_field, label_field)
     eval_text = load_text_data(eval_data, task, text_field, label_field) if eval_data is not None else None
     label_map = build_label_map(train_data, eval_text) if task == "sequence-classification" else None
     args = _training_arguments(output_dir, user_args, quiet, eval_text is not None, task)
+    checkpoint = _checkpoint_path(resume_from_checkpoint, output_dir)
 
     with _quiet_transformers(quiet):
         set_seed(args.seed)
@@ -353,6 +352,8 @@ def train(model_dir_or_model: str | os.PathLike | nn.Module, data: str | os.Path
         if checkpointing:
             enable_gradient_checkpointing(model, **checkpoint_kwargs)
 
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        max_length = min(max_length, positions) if isinstance(positions, int) else max_length
         train_set = _tokenize(tokenizer, train_data, label_map, max_length)
         eval_set = _tokenize(tokenizer, eval_text, label_map, max_length) if eval_text is not None else None
         collator = (DataCollatorWithPadding(tokenizer) if task == "sequence-classification"
@@ -367,23 +368,41 @@ def train(model_dir_or_model: str | os.PathLike | nn.Module, data: str | os.Path
             trainer.remove_callback(PrinterCallback)
 
         metrics: dict[str, float] = {}
-        if eval_set is not None and resume_from_checkpoint is None:
+        if eval_set is not None and checkpoint is None:
             metrics.update(_eval_metrics(trainer, task, "before"))
-        resume = str(resume_from_checkpoint) if isinstance(resume_from_checkpoint, (str, os.PathLike)) else resume_from_checkpoint
-        if isinstance(resume, str) and not Path(resume).is_dir():
-            raise OnnxPeftError(f"{resume}: checkpoint folder not found")
-        try:
-            output = trainer.train(resume_from_checkpoint=resume)
-        except ValueError as exc:
-            if "checkpoint" not in str(exc):
-                raise
-            raise OnnxPeftError(f"resume_from_checkpoint: {str(exc).splitlines()[0]}") from exc
+        output = trainer.train(resume_from_checkpoint=checkpoint)
         metrics.update(train_loss=float(output.training_loss), global_step=float(output.global_step),
                        train_runtime=float(output.metrics.get("train_runtime", 0.0)))
         if eval_set is not None:
             metrics.update(_eval_metrics(trainer, task, "after"))
         trainer.save_model(str(output_dir))
     return TrainResult(output_dir, metrics, int(output.global_step), label_map.id2label if label_map else None)
+
+
+def _pop_checkpointing(user_args: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    """Take (gradient|activation)_checkpointing out of the Trainer's hands: we enable it ourselves."""
+    flags = [bool(user_args.pop(name, False)) for name in ("gradient_checkpointing", "activation_checkpointing")]
+    kwargs: dict[str, Any] = {}
+    for name in ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"):
+        value = user_args.pop(name, None)
+        kwargs.update(json.loads(value) if isinstance(value, str) else value or {})
+    return any(flags), kwargs
+
+
+def _checkpoint_path(resume: str | os.PathLike | bool | None, output_dir: Path) -> str | None:
+    """The checkpoint-N folder to resume from: as given, or the latest in ``output_dir`` for True."""
+    if resume is None or resume is False:
+        return None
+    if resume is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if last is None:
+            raise OnnxPeftError(f"{output_dir}: no checkpoint-N folder to resume from")
+        return last
+    if not Path(resume).is_dir():
+        raise OnnxPeftError(f"{resume}: checkpoint folder not found")
+    return str(resume)
 
 
 def _prepare_model(model_or_dir: str | os.PathLike | nn.Module, method: str, config: LoraConfig | dict | None,

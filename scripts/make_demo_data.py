@@ -17,10 +17,13 @@ OUT = Path(__file__).resolve().parents[1] / "onnx_peft" / "data"
 
 SUBJECTS = ["the movie", "this phone", "the hotel", "our dinner", "the concert", "that book", "the new update",
             "the service", "this laptop", "the trip", "the coffee", "the game", "the course", "the show"]
-POSITIVE = ["wonderful", "delightful", "excellent", "fantastic", "great", "lovely", "brilliant", "superb",
-            "enjoyable", "impressive", "charming", "remarkable"]
-NEGATIVE = ["terrible", "awful", "disappointing", "boring", "dreadful", "poor", "annoying", "horrible",
-            "frustrating", "mediocre", "unpleasant", "broken"]
+# Four sentiment grades, so both tasks have four labels and their heads share one shape.
+SENTIMENT_WORDS = {
+    "very_positive": ["wonderful", "fantastic", "brilliant", "superb", "outstanding", "amazing"],
+    "positive": ["good", "nice", "pleasant", "decent", "fine", "enjoyable"],
+    "negative": ["poor", "boring", "mediocre", "disappointing", "dull", "weak"],
+    "very_negative": ["terrible", "awful", "horrible", "dreadful", "atrocious", "abysmal"],
+}
 SENTIMENT_TEMPLATES = ["{s} was {a}.", "honestly, {s} felt {a} from start to finish.", "I found {s} {a}.",
                        "everyone agreed that {s} was {a}.", "{s} turned out {a}, as expected.",
                        "what a {a} experience {s} was.", "my friends said {s} is {a}."]
@@ -42,9 +45,10 @@ TOPIC_TEMPLATES = ["{t}.", "news today: {t}.", "I read that {t}.", "apparently {
 
 def sentiment(rng: random.Random, n: int) -> list[dict]:
     rows = []
+    labels = sorted(SENTIMENT_WORDS)
     for i in range(n):
-        label = "positive" if i % 2 == 0 else "negative"
-        words = POSITIVE if label == "positive" else NEGATIVE
+        label = labels[i % len(labels)]
+        words = SENTIMENT_WORDS[label]
         text = rng.choice(SENTIMENT_TEMPLATES).format(s=rng.choice(SUBJECTS), a=rng.choice(words))
         rows.append({"text": text[0].upper() + text[1:], "label": label})
     rng.shuffle(rows)

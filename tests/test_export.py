@@ -318,6 +318,43 @@ def test_external_mode_keeps_the_adapter_of_a_peft_model(lora_dirs, tmp_path):
     assert not (path.parent / ".extracted").exists()
 
 
+# -- dtype and exporter fallback ---------------------------------------------------------------
+
+
+def test_fp16_export_has_fp16_outputs_and_leaves_the_model_fp32(dirs, tmp_path):
+    model = _auto_load(dirs["bert"])
+    path = export(model, tmp_path / "out", task="feature-extraction", dtype="fp16", quiet=True)
+    assert next(model.parameters()).dtype == torch.float32
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = _feeds(session)
+    got = session.run(["last_hidden_state"], feeds)[0]
+    assert got.dtype == np.float16
+    # fp16 rounding of a unit-scale hidden state: a few 1e-3, far below any real error
+    assert np.abs(got.astype(np.float32) - _torch_out(model, feeds, "last_hidden_state")).max() < 2e-2
+
+
+def test_torchscript_fallback_is_logged_and_never_writes_a_wrong_model(dirs, tmp_path, monkeypatch, caplog):
+    real_export = torch.onnx.export
+
+    def dynamo_fails(*args, **kwargs):
+        if kwargs.get("dynamo", True):
+            raise RuntimeError("simulated dynamo failure")
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", dynamo_fails)
+    model = _auto_load(dirs["bert"])
+    out = tmp_path / "out"
+    try:
+        path = export(model, out, task="feature-extraction", quiet=True)
+    except OnnxPeftError as exc:  # transformers 5.x: TorchScript mis-traces BERT's mask
+        assert "TorchScript" in str(exc) and "simulated dynamo failure" in str(exc)
+        assert not out.exists()
+    else:
+        assert json.loads((out / "export_info.json").read_text())["exporter"] == "torchscript"
+        assert _run(path, model, "last_hidden_state") <= ATOL
+    assert "falling back to the TorchScript exporter" in caplog.text
+
+
 # -- CLI ----------------------------------------------------------------------------------------
 
 

@@ -198,12 +198,13 @@ def test_train_classification_learns_and_writes_a_peft_adapter(bert_dir, sentime
     assert accuracy == pytest.approx(result.metrics["eval_accuracy_after"])
 
 
-def test_train_causal_lm_on_text_lines_lowers_eval_loss(llama_dir, tmp_path):
+def test_train_causal_lm_on_text_lines_with_checkpointing_lowers_eval_loss(llama_dir, tmp_path):
     lines = [" ".join(random.Random(i).sample(FILLER, 4)) for i in range(32)]
     (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
     (tmp_path / "eval.txt").write_text("\n".join(lines[:8]) + "\n")
     result = train(llama_dir, tmp_path / "train.txt", tmp_path / "adapter", task="causal-lm",
-                   eval_data=tmp_path / "eval.txt", quiet=True, training_args={**FAST, "max_steps": 10})
+                   eval_data=tmp_path / "eval.txt", quiet=True,
+                   training_args={**FAST, "max_steps": 10, "gradient_checkpointing": True})
     assert result.labels is None
     assert result.metrics["eval_loss_after"] < result.metrics["eval_loss_before"]
     assert result.metrics["eval_perplexity_after"] < result.metrics["eval_perplexity_before"]

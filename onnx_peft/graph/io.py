@@ -10,6 +10,8 @@ Why this module exists: every pass reads a model and writes another, and the fil
   files into place, so a failure (disk full, a bad tensor) leaves no partial output; it refuses
   to overwrite the model it was loaded from. ``ir.save`` streams tensors one at a time, which
   is what makes ``LazyTensor`` merged weights cheap.
+* :func:`save_model_with_side_data` does the same but stores some initializers (extracted
+  adapter tensors) in a side data file of their own, for runtimes that swap them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -188,5 +190,70 @@ def save_model(model: ir.Model, path: str | os.PathLike,
     except Exception as exc:
         raise ModelFileError(f"{path}: could not write the model ({type(exc).__name__}: {exc})") from exc
     finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
+
+
+def save_model_with_side_data(model: ir.Model, path: str | os.PathLike, side_names: Collection[str],
+                              side_data_name: str, size_threshold_bytes: int = 256) -> Path:
+    """Like ``save_model(model, path, external_data=True)``, but the initializers named in
+    ``side_names`` get their data in ``side_data_name`` (a plain file name next to the model), not in
+    ``<name>.data``; each is stored there whatever its size.
+
+    Why: a runtime that swaps those initializers (ORT's ``SessionOptions.add_external_initializers``)
+    needs them apart from the base weights, and the side file can be replaced on its own. The
+    files are written in a temporary folder and renamed into place; ``model`` is left unchanged.
+    """
+    path = Path(path)
+    data_name = path.name + ".data"
+    if Path(side_data_name).name != side_data_name or side_data_name in ("", ".", "..", data_name, path.name):
+        raise UnsafePathError(
+            f"{path}: side data file {side_data_name!r} must be a plain file name next to the model, "
+            f"other than {data_name!r}"
+        )
+    _refuse_overwriting_inputs(model, path, data_name)
+    _refuse_overwriting_inputs(model, path, side_data_name)
+    if not path.parent.is_dir():
+        raise ModelFileError(f"{path}: output folder {path.parent} does not exist; create it first")
+    side_names = set(side_names)
+    side, rest, small = [], [], []
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None:
+                continue
+            if graph is model.graph and value.name in side_names:
+                side.append(value)
+            elif tensor.nbytes > size_threshold_bytes:
+                rest.append(value)
+            elif isinstance(tensor, ir.ExternalTensor):
+                small.append(value)
+    missing = side_names - {v.name for v in side}
+    if missing:
+        raise ModelFileError(f"{path}: no initializer named {sorted(missing)[0]!r} to store in {side_data_name}")
+    originals = {id(v): (v, v.const_value) for v in (*side, *rest, *small)}
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        for values, name in ((rest, data_name), (side, side_data_name)):
+            if values:
+                written = ir.external_data.convert_tensors_to_external([v.const_value for v in values], tmp_dir, name)
+                for value, tensor in zip(values, written):
+                    value.const_value = tensor
+        for value in small:
+            value.const_value = ir.Tensor(value.const_value.numpy(), name=value.name)
+        ir.save(model, tmp_dir / path.name)
+        for name in (data_name, side_data_name):
+            if (tmp_dir / name).exists():
+                os.replace(tmp_dir / name, path.parent / name)
+            elif (path.parent / name).exists():
+                os.remove(path.parent / name)  # stale, from an earlier save
+        os.replace(tmp_dir / path.name, path)
+    except UnsafePathError:
+        raise
+    except Exception as exc:
+        raise ModelFileError(f"{path}: could not write the model ({type(exc).__name__}: {exc})") from exc
+    finally:
+        for value, tensor in originals.values():
+            value.const_value = tensor
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return path

@@ -5,23 +5,48 @@ graph/contract.py, the scale folded into B so no Transpose or Mul is left::
 
     LoRA:  y = base(x) + MatMul(MatMul(x, A_slot), B_slot)
     DoRA:  y = factor * (x W + MatMul(MatMul(x, A_slot), B_slot)) + bias
-           A_slot = A^T [in, lora_r]   B_slot = (s B)^T [lora_r, out]   factor [out]
+           A_slot = A^T [in, r]   B_slot = (s B)^T [r, out]   factor [out]
 
 ``factor = m / ||W + s B A||_row`` (methods.lora.dora_factor), precomputed here because it
 depends on the base weight only through the adapter; the DoRA slot ``<module>.dora_factor``
-defaults to ones so the model without feeds is the base.
+defaults to ones so the model without feeds is the base. The model records the contract (the
+logical slots above, whatever the mode, and a fingerprint of the base weights).
 
-Options: ``make_inputs`` turns slots into graph inputs (rank symbolic ``lora_r``);
-``optional_inputs`` also gives each an initializer default of rank 0 (``[in, 0]``/``[0, out]``)
-so running with no feeds is the base model; ``pack_inputs`` (one input per dtype, sliced in
-the graph) is not implemented yet and raises. Without ``make_inputs`` the slots stay
-initializers (``external``: :func:`extract_adapters` writes them to their own data file).
-The model records the contract: slots and a fingerprint of the adapted base weights.
+How the slots reach the graph:
+
+``make_inputs=True`` (default): one graph input per slot. The rank dim is symbolic and one per
+module (``lora_r.<module>``, contract.rank_dim): with one shared ``lora_r`` ONNX Runtime crashes
+as soon as modules get different ranks in one run. ``optional_inputs`` gives each input a
+default (:func:`slot_default`: ``[in, 0]``, ``[0, out]``, DoRA ones) so no feed = the base.
+
+``pack_inputs=True`` (with make_inputs): the slots of one dtype travel in ONE flat input, cut
+apart in the graph (opset >= 13)::
+
+    packed_adapters.float32        [packed_adapters.float32.size]  slots raveled, contract order
+    packed_adapters.float32.sizes  [n_slots] int64                 element count of each slot
+        └─ Split(sizes) ─┬─ Reshape [in, -1]  ─▶ <module>.lora_A.weight
+                         ├─ Reshape [-1, out] ─▶ <module>.lora_B.weight
+                         └─ Reshape [out]     ─▶ <module>.dora_factor
+
+  The sizes carry each module's rank (size 0 = rank 0 = not adapted); the defaults pack the
+  zero-rank slots, so no feed = the base. :func:`pack_adapter_tensors` turns slot tensors (any
+  adapter file for this model, partial ones too) into these feeds, :func:`unpack_adapter_tensors`
+  reverses it; metadata ``onnx_peft.packing`` names the inputs and their slots. The adapter
+  file :func:`extract_adapters` writes holds the packed feeds.
+
+``make_inputs=False``: the slots stay initializers of fixed shape holding the extracted adapter.
+With ``external=True`` (Olive's external-initializer mode) :func:`save_extracted_model` stores
+their data in ``<model>.adapter.data`` next to the model, apart from ``<model>.data``, and
+metadata ``onnx_peft.external_adapters`` lists them. The model runs as written (the extracted
+adapter); a runtime supplies another adapter of the same ranks when it creates the session,
+``SessionOptions.add_external_initializers(names, ortvalues)`` (ORT refuses other shapes).
 """
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +54,17 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
-from ..errors import NoAdapterSitesError, OnnxPeftError
-from ..graph.contract import RANK_DIM, Contract, Slot, slot_name, weight_fingerprint, write_contract
-from ..graph.io import load_model, save_model
+from ..errors import IncompatibleAdapterError, NoAdapterSitesError, OnnxPeftError
+from ..graph.contract import (
+    Contract,
+    Slot,
+    check_adapter,
+    rank_dim,
+    slot_name,
+    weight_fingerprint,
+    write_contract,
+)
+from ..graph.io import load_model, save_model, save_model_with_side_data
 from ..graph.modules import find_linear_sites
 from ..graph.sites import AdapterBranch, find_adapter_branches, remove_dead
 from ..methods.lora import dora_factor
@@ -41,6 +74,10 @@ B_SLOT = "lora_B.weight"
 DORA_SLOT = "dora_factor"
 SAVE_FORMATS = ("onnx_adapter", "safetensors", "npz")
 _SUFFIX = {"onnx_adapter": ".onnx_adapter", "safetensors": ".safetensors", "npz": ".npz"}
+PACKED_PREFIX = "packed_adapters"
+PACKING_KEY = "onnx_peft.packing"
+EXTERNAL_KEY = "onnx_peft.external_adapters"
+_SPLIT_MIN_OPSET = 13  # Split takes its sizes as an input from opset 13 on
 
 
 def slot_tensors(branch: AdapterBranch, dtype: np.dtype) -> dict[str, np.ndarray]:
@@ -61,24 +98,109 @@ def slot_tensors(branch: AdapterBranch, dtype: np.dtype) -> dict[str, np.ndarray
     return tensors
 
 
+def slot_default(slot: Slot) -> np.ndarray:
+    """What a slot holds when nothing is fed: rank 0 (A ``[in, 0]``, B ``[0, out]``) or DoRA ones."""
+    if slot.name.endswith(DORA_SLOT):
+        return np.ones([int(d) for d in slot.shape], np.dtype(slot.dtype))
+    return np.zeros([d if isinstance(d, int) else 0 for d in slot.shape], np.dtype(slot.dtype))
+
+
+# -- packing -----------------------------------------------------------------------------------
+def packed_input_names(dtype: Any) -> tuple[str, str]:
+    """``("packed_adapters.float32", "packed_adapters.float32.sizes")`` for one dtype."""
+    data = f"{PACKED_PREFIX}.{np.dtype(dtype).name}"
+    return data, f"{data}.sizes"
+
+
+def packing_groups(contract: Contract) -> dict[str, list[Slot]]:
+    """dtype name -> its slots in contract order: the order they are packed in."""
+    groups: dict[str, list[Slot]] = {}
+    for slot in contract.slots:
+        groups.setdefault(np.dtype(slot.dtype).name, []).append(slot)
+    return groups
+
+
+def pack_adapter_tensors(contract: Contract, tensors: Mapping[str, np.ndarray], source: str = "adapter"
+                         ) -> dict[str, np.ndarray]:
+    """Slot tensors -> the feeds of a packed model: ``{packed_adapters.<dtype>: [total],
+    packed_adapters.<dtype>.sizes: int64 [n_slots]}``.
+
+    ``tensors`` may cover only some modules; the others get :func:`slot_default` (rank 0).
+    Raises IncompatibleAdapterError when ``tensors`` do not fit the contract.
+    """
+    check_adapter(contract, {n: (np.shape(a), np.asarray(a).dtype.name) for n, a in tensors.items()},
+                  source=source)
+    feeds: dict[str, np.ndarray] = {}
+    for dtype, slots in packing_groups(contract).items():
+        parts = [np.asarray(tensors[s.name]) if s.name in tensors else slot_default(s) for s in slots]
+        data, sizes = packed_input_names(dtype)
+        feeds[data] = np.concatenate([p.reshape(-1) for p in parts]).astype(dtype, copy=False)
+        feeds[sizes] = np.array([p.size for p in parts], np.int64)
+    return feeds
+
+
+def unpack_adapter_tensors(contract: Contract, packed: Mapping[str, np.ndarray], source: str = "adapter"
+                           ) -> dict[str, np.ndarray]:
+    """The inverse of :func:`pack_adapter_tensors`; modules left at rank 0 are dropped."""
+    tensors: dict[str, np.ndarray] = {}
+    for dtype, slots in packing_groups(contract).items():
+        data_name, sizes_name = packed_input_names(dtype)
+        if data_name not in packed or sizes_name not in packed:
+            raise IncompatibleAdapterError(f"{source}: no {data_name!r}/{sizes_name!r}; is it a packed adapter?")
+        data, sizes = np.asarray(packed[data_name]).reshape(-1), np.asarray(packed[sizes_name]).reshape(-1)
+        if len(sizes) != len(slots) or int(sizes.sum()) != data.size or (sizes < 0).any():
+            raise IncompatibleAdapterError(
+                f"{source}: {sizes_name} lists {len(sizes)} sizes summing to {int(sizes.sum())}; the model "
+                f"packs {len(slots)} slots into {data_name} of {data.size} elements"
+            )
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        for slot, start, size in zip(slots, starts.tolist(), sizes.tolist()):
+            fixed = int(np.prod([d for d in slot.shape if isinstance(d, int)]))
+            if (fixed == 0 and size) or (fixed and size % fixed):
+                raise IncompatibleAdapterError(f"{source}: slot {slot.name!r} gets {size} elements, "
+                                               f"which do not fill shape {list(slot.shape)}")
+            shape = [d if isinstance(d, int) else (size // fixed if fixed else 0) for d in slot.shape]
+            tensors[slot.name] = data[start:start + size].reshape(shape)
+    empty = {s.module for s in contract.slots if s.name in tensors and tensors[s.name].size == 0}
+    return {name: array for name, array in tensors.items() if contract.slot_map()[name].module not in empty}
+
+
+def read_packing(metadata_props: Mapping[str, str]) -> dict[str, dict[str, Any]] | None:
+    """The packed inputs of a model (``{dtype: {"data", "sizes", "slots"}}``), or None."""
+    text = metadata_props.get(PACKING_KEY)
+    return json.loads(text) if text else None
+
+
 class ExtractAdapters(InPlacePass):
-    """Replace in-graph adapter weights by named slots; ``self.tensors`` holds what was taken out."""
+    """Replace in-graph adapter weights by named slots.
+
+    After the call, ``contract`` holds the slots, ``slot_arrays`` the extracted slot tensors and
+    ``tensors`` what the adapter file holds: the slot tensors, or their packed feeds.
+    """
 
     def __init__(self, make_inputs: bool = True, pack_inputs: bool = False, optional_inputs: bool = True,
                  external: bool = False, save_format: str = "onnx_adapter") -> None:
         super().__init__()
         if save_format not in SAVE_FORMATS:
             raise OnnxPeftError(f"ExtractAdapters: save_format must be one of {SAVE_FORMATS}, got {save_format!r}")
-        if pack_inputs:
-            raise OnnxPeftError("ExtractAdapters: pack_inputs is not implemented yet; extract without it")
         if make_inputs and external:
             raise OnnxPeftError("ExtractAdapters: choose make_inputs or external, not both")
+        if pack_inputs and not make_inputs:
+            raise OnnxPeftError("ExtractAdapters: pack_inputs packs graph inputs; use it with make_inputs")
         self.make_inputs = make_inputs
+        self.pack_inputs = pack_inputs
         self.optional_inputs = optional_inputs
         self.external = external
         self.save_format = save_format
         self.tensors: dict[str, np.ndarray] = {}
+        self.slot_arrays: dict[str, np.ndarray] = {}
         self.contract: Contract | None = None
+
+    def requires(self, model: ir.Model) -> None:
+        opset = model.opset_imports.get("", 0)
+        if self.pack_inputs and opset < _SPLIT_MIN_OPSET:
+            raise OnnxPeftError(f"ExtractAdapters: pack_inputs needs opset >= {_SPLIT_MIN_OPSET}, the model has "
+                                f"{opset}; export with a newer opset or extract without pack_inputs")
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
@@ -91,44 +213,86 @@ class ExtractAdapters(InPlacePass):
         # The fingerprint covers every base Linear (as InsertAdapters does), so a model that got
         # its slots by extraction and one that got them by insertion agree on the same base.
         base_weights = {m: s.weight_out_in() for m, s in find_linear_sites(model).items()}
-        self.tensors, slots = {}, []
+        self.slot_arrays, slots = {}, []
         for module, branch in branches.items():
-            dtype = branch.base.weight.const_value.dtype.numpy()
-            tensors = slot_tensors(branch, dtype)
-            self.tensors.update(tensors)
-            values = {name: self._slot_value(graph, name, array, branch) for name, array in tensors.items()}
-            for name, value in values.items():
-                dims = list(value.shape) if value.shape is not None else list(tensors[name].shape)
-                slots.append(Slot(name, np.dtype(dtype).name, tuple(d if isinstance(d, int) else str(d)
-                                                                     for d in dims), module, branch.method))
-            self._rebuild(graph, branch, values)
+            tensors = slot_tensors(branch, branch.base.weight.const_value.dtype.numpy())
+            self.slot_arrays.update(tensors)
+            slots.extend(self._slot(name, array, module, branch.method) for name, array in tensors.items())
         self.contract = Contract(slots=slots, fingerprint=weight_fingerprint(base_weights))
+        for slot in slots:
+            if slot.name in graph.initializers or any(v.name == slot.name for v in graph.inputs):
+                raise OnnxPeftError(f"ExtractAdapters: the graph already has a value named {slot.name!r}")
+        if self.pack_inputs:
+            values = self._packed_values(graph)
+            model.metadata_props[PACKING_KEY] = json.dumps(self.packing, sort_keys=True)
+            self.tensors = pack_adapter_tensors(self.contract, self.slot_arrays)
+        else:
+            values = {s.name: self._slot_value(graph, s, self.slot_arrays[s.name]) for s in slots}
+            self.tensors = dict(self.slot_arrays)
+        if self.external:
+            model.metadata_props[EXTERNAL_KEY] = json.dumps([s.name for s in slots])
+        for branch in branches.values():
+            self._rebuild(graph, branch, values)
         write_contract(model.metadata_props, self.contract)
         return PassResult(model, modified=True)
 
     # -- building -------------------------------------------------------------------------------
 
-    def _slot_value(self, graph: ir.Graph, name: str, array: np.ndarray, branch: AdapterBranch) -> ir.Value:
-        dtype = ir.DataType.from_numpy(array.dtype)
-        if name.endswith(A_SLOT):
-            shape, empty = [array.shape[0], RANK_DIM], np.zeros((array.shape[0], 0), array.dtype)
-        elif name.endswith(B_SLOT):
-            shape, empty = [RANK_DIM, array.shape[1]], np.zeros((0, array.shape[1]), array.dtype)
-        else:  # DoRA factor: fixed [out], default ones = the base
-            shape, empty = [array.shape[0]], np.ones(array.shape, array.dtype)
-        if name in graph.initializers or any(v.name == name for v in graph.inputs):
-            raise OnnxPeftError(f"ExtractAdapters: the graph already has a value named {name!r}")
-        if not self.make_inputs:
-            value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(array.shape),
-                             const_value=ir.tensor(array, name=name))
-            graph.register_initializer(value)
-            return value
-        value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape))
+    def _slot(self, name: str, array: np.ndarray, module: str, method: str) -> Slot:
+        shape: tuple[int | str, ...] = tuple(int(d) for d in array.shape)
+        if self.make_inputs and name.endswith(A_SLOT):
+            shape = (shape[0], rank_dim(module))
+        elif self.make_inputs and name.endswith(B_SLOT):
+            shape = (rank_dim(module), shape[1])
+        return Slot(name, array.dtype.name, shape, module, method)
+
+    def _input(self, graph: ir.Graph, name: str, shape: tuple, default: np.ndarray) -> ir.Value:
+        """A graph input; with ``optional_inputs`` its initializer default too."""
+        value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(default.dtype)), shape=ir.Shape(shape))
         graph.inputs.append(value)
         if self.optional_inputs:
-            value.const_value = ir.tensor(empty, name=name)
+            value.const_value = ir.tensor(default, name=name)
             graph.register_initializer(value)
         return value
+
+    def _slot_value(self, graph: ir.Graph, slot: Slot, array: np.ndarray) -> ir.Value:
+        if self.make_inputs:
+            return self._input(graph, slot.name, slot.shape, slot_default(slot))
+        value = ir.Value(name=slot.name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                         shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=slot.name))
+        graph.register_initializer(value)
+        return value
+
+    def _packed_values(self, graph: ir.Graph) -> dict[str, ir.Value]:
+        """Packed inputs + Split/Reshape nodes at the top of the graph; slot name -> Reshape output."""
+        values: dict[str, ir.Value] = {}
+        targets: dict[tuple[int, ...], ir.Value] = {}
+        nodes: list[ir.Node] = []
+        self.packing: dict[str, dict[str, Any]] = {}
+        for dtype, group in packing_groups(self.contract).items():
+            data_name, sizes_name = packed_input_names(dtype)
+            defaults = [slot_default(s) for s in group]
+            data = self._input(graph, data_name, (f"{data_name}.size",),
+                               np.concatenate([d.reshape(-1) for d in defaults]).astype(dtype))
+            sizes = self._input(graph, sizes_name, (len(group),), np.array([d.size for d in defaults], np.int64))
+            split = ir.node("Split", [data, sizes], {"axis": 0}, num_outputs=len(group), name=f"{data_name}/Split")
+            nodes.append(split)
+            for slot, piece in zip(group, split.outputs):
+                piece.name = f"{slot.name}.packed"
+                target = tuple(-1 if isinstance(d, str) else d for d in slot.shape)
+                if target not in targets:
+                    label = "x".join("r" if d < 0 else str(d) for d in target)
+                    targets[target] = ir.Value(name=f"{PACKED_PREFIX}.shape.{label}",
+                                               const_value=ir.tensor(np.array(target, np.int64)))
+                    graph.register_initializer(targets[target])
+                reshape = ir.node("Reshape", [piece, targets[target]], name=f"{slot.name}/unpack")
+                out = reshape.outputs[0]
+                out.name, out.type, out.shape = slot.name, ir.TensorType(ir.DataType.from_numpy(np.dtype(dtype))),                     ir.Shape(slot.shape)
+                values[slot.name] = out
+                nodes.append(reshape)
+            self.packing[dtype] = {"data": data_name, "sizes": sizes_name, "slots": [s.name for s in group]}
+        graph.insert_before(graph[0], nodes)
+        return values
 
     def _rebuild(self, graph: ir.Graph, branch: AdapterBranch, values: dict[str, ir.Value]) -> None:
         site, module = branch.base, branch.module
@@ -175,10 +339,24 @@ class ExtractAdapters(InPlacePass):
 
 
 def _write_adapter_file(path: Path, tensors: dict[str, np.ndarray], fingerprint: str, save_format: str) -> Path:
-    """Write the extracted slot tensors with the shared adapter-file writer (onnx_peft.formats)."""
+    """Write the adapter file with the shared adapter-file writer (onnx_peft.formats)."""
     from ..formats import save_adapter_file
 
     return save_adapter_file(path, tensors, fingerprint, save_format)
+
+
+def adapter_data_name(model_path: str | os.PathLike) -> str:
+    """``model.onnx`` -> ``model.onnx.adapter.data``: where external mode stores the adapter tensors."""
+    return Path(model_path).name + ".adapter.data"
+
+
+def save_extracted_model(model: ir.Model, path: str | os.PathLike, extract: ExtractAdapters) -> Path:
+    """Save a model ``extract`` ran on: weights in ``<name>.data``; in external mode the adapter
+    initializers in :func:`adapter_data_name` instead (so never inside ``<name>.data``)."""
+    if extract.external and extract.contract is not None:
+        return save_model_with_side_data(model, path, [s.name for s in extract.contract.slots],
+                                         adapter_data_name(path))
+    return save_model(model, path, external_data=True)
 
 
 def extract_adapters(model_path: str | os.PathLike, output_dir: str | os.PathLike, **options: Any
@@ -186,8 +364,10 @@ def extract_adapters(model_path: str | os.PathLike, output_dir: str | os.PathLik
     """Extract the adapters of ``model_path`` into ``output_dir``: (model path, adapter file path).
 
     ``options`` are :class:`ExtractAdapters`' (make_inputs, pack_inputs, optional_inputs,
-    external, save_format). The model is saved as ``output_dir/<name>.onnx`` with external data;
-    the adapter file as ``output_dir/<stem>.<format suffix>``, recording the base fingerprint.
+    external, save_format). The model is saved as ``output_dir/<name>.onnx`` with external data
+    (external mode: adapter tensors in ``<name>.onnx.adapter.data``); the adapter file as
+    ``output_dir/<stem>.<format suffix>``, recording the base fingerprint. With pack_inputs the
+    adapter file holds the packed feeds.
     """
     model_path = Path(model_path)
     output_dir = Path(output_dir)
@@ -197,6 +377,6 @@ def extract_adapters(model_path: str | os.PathLike, output_dir: str | os.PathLik
     extract(model)
     out_model = output_dir / model_path.name
     adapter_path = output_dir / (model_path.stem + _SUFFIX[extract.save_format])
-    save_model(model, out_model, external_data=True)
+    save_extracted_model(model, out_model, extract)
     _write_adapter_file(adapter_path, extract.tensors, extract.contract.fingerprint, extract.save_format)
     return out_model, adapter_path

@@ -31,10 +31,10 @@ from ..convert import A_SUFFIX, B_SUFFIX, MAGNITUDE_SUFFIX, group_peft_tensors, 
 from ..errors import CheckpointError, IncompatibleAdapterError, NoAdapterSitesError
 from ..formats import read_peft_adapter, save_adapter_file
 from ..graph.contract import (
-    RANK_DIM,
     Contract,
     Slot,
     check_adapter,
+    rank_dim,
     read_contract,
     slot_name,
     weight_fingerprint,
@@ -44,17 +44,6 @@ from ..methods.lora import LoraConfig
 from ..targets import is_target
 
 Mode = Literal["slots", "in-graph"]
-
-
-def rank_dim(module: str) -> str:
-    """The symbolic rank dim of ``module``'s slots: ``lora_r.<module>``, one per module.
-
-    One shared ``lora_r`` for all slots breaks ONNX Runtime as soon as two modules get different
-    ranks in one run (rank_pattern, or an adapter that leaves some slots at their zero-rank
-    default): ORT plans buffers assuming equal dim_params are equal ("Shape mismatch attempting
-    to re-use buffer {2,7,0} != {2,7,4}").
-    """
-    return f"{RANK_DIM}.{module}"
 
 
 @dataclass

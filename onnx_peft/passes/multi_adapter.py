@@ -28,12 +28,11 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import NoAdapterSitesError, OnnxPeftError
-from ..graph.contract import read_contract
+from ..graph.contract import rank_dim, read_contract
 from ..runtime import MULTI_ADAPTER_KEY, BankEntry, MultiLayout
 
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 BANK_ROWS = "num_adapters"
-BANK_RANK = "lora_r"
 
 
 def _const(graph: ir.Graph, name: str, values: list[int]) -> ir.Value:
@@ -102,9 +101,10 @@ class MultiAdapterPass(ir.passes.InPlacePass):
             dtype = a_value.dtype
             np_dtype = dtype.numpy()
             banks = {}
+            rank = rank_dim(a_slot.module)  # one rank dim per module, as in the slots
             for kind, slot_value, shape, default in [
-                ("A", a_value, [BANK_ROWS, d_in, BANK_RANK], (1, d_in, 0)),
-                ("B", b_value, [BANK_ROWS, BANK_RANK, d_out], (1, 0, d_out)),
+                ("A", a_value, [BANK_ROWS, d_in, rank], (1, d_in, 0)),
+                ("B", b_value, [BANK_ROWS, rank, d_out], (1, 0, d_out)),
             ]:
                 bank_name = slot_value.name[: -len(".weight")] + ".bank"
                 bank = ir.Value(name=bank_name, type=ir.TensorType(dtype), shape=ir.Shape(shape),
