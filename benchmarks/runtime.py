@@ -133,11 +133,6 @@ def adapter_files(paths: dict[str, Path], key: str) -> dict[str, Path]:
     return {p.name.split(".")[0]: p for p in sorted(folder.glob("*.onnx_adapter"))}
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["--prepare-only"]:
-    prepare(Path("/tmp/onnx_peft_bench_rt"))
-    sys.exit(0)
-
-
 # --------------------------------------------------------------------------------------------
 # Timing: one interleaved run per question
 # --------------------------------------------------------------------------------------------
@@ -291,29 +286,41 @@ LORA_NODE = re.compile(r"/lora/|/multi_adapter/|\.bank/Gather")
 
 
 def parse_profile(path: str, skip_runs: int) -> dict:
-    """Kernel events of the runs after the first ``skip_runs``: per-run totals and LoRA part."""
+    """Kernel events of the runs after the first ``skip_runs``.
+
+    Each node's kernel time is the median over the runs (robust to a preempted kernel on a
+    shared machine); a variant's kernel time is the sum of its nodes' medians.
+    """
     events = json.loads(Path(path).read_text())
     runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
-                  key=lambda e: e["ts"])
-    start = runs[skip_runs - 1]["ts"] + runs[skip_runs - 1]["dur"] if skip_runs else 0
-    counted = len(runs) - skip_runs
-    total = lora = kernels = lora_kernels = 0
-    lora_ops: dict[str, float] = {}
+                  key=lambda e: e["ts"])[skip_runs:]
+    bounds = [(r["ts"], r["ts"] + r["dur"]) for r in runs]
+    per_node: dict[str, list[float]] = {}
+    ops: dict[str, str] = {}
     for e in events:
-        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < start:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        if not any(lo <= e["ts"] <= hi for lo, hi in bounds):
             continue
         node = e["name"][: -len("_kernel_time")]
-        total += e["dur"]
-        kernels += 1
+        per_node.setdefault(node, []).append(e["dur"])
+        ops[node] = e.get("args", {}).get("op_name", "?")
+    counted = len(runs)
+    total = lora = kernels = lora_kernels = 0.0
+    lora_ops: dict[str, float] = {}
+    for node, durs in per_node.items():
+        # a node runs once per run here (no control flow), so len(durs) == counted
+        value = statistics.median(durs) * len(durs) / counted
+        total += value
+        kernels += len(durs) / counted
         if LORA_NODE.search(node):
-            lora += e["dur"]
-            lora_kernels += 1
-            op = e.get("args", {}).get("op_name", "?")
-            lora_ops[op] = lora_ops.get(op, 0) + e["dur"]
-    wall = statistics.median(e["dur"] for e in runs[skip_runs:])
-    return {"runs": counted, "kernel_us": total / counted, "lora_us": lora / counted,
-            "kernels": kernels / counted, "lora_kernels": lora_kernels / counted,
-            "lora_ops_us": {k: v / counted for k, v in sorted(lora_ops.items())}, "run_us": wall}
+            lora += value
+            lora_kernels += len(durs) / counted
+            lora_ops[ops[node]] = lora_ops.get(ops[node], 0) + value
+    wall = statistics.median(e["dur"] for e in runs)
+    return {"runs": counted, "kernel_us": total, "lora_us": lora, "base_us": total - lora,
+            "kernels": kernels, "lora_kernels": lora_kernels,
+            "lora_ops_us": dict(sorted(lora_ops.items())), "run_us": wall}
 
 
 def profile(paths, args) -> dict[str, dict]:
@@ -358,3 +365,188 @@ def profile(paths, args) -> dict[str, dict]:
     sessions.clear()
     gc.collect()
     return results
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def versions() -> str:
+    import onnxruntime
+
+    return f"onnxruntime {onnxruntime.__version__}, numpy {np.__version__}, Python {platform.python_version()}"
+
+
+def write_section(text: str, path: Path) -> None:
+    """Replace only this script's section of BENCHMARKS.md (other scripts own the others)."""
+    old = path.read_text() if path.exists() else "# Benchmarks\n\nEach section is written by the script it names.\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    new = pattern.sub(lambda _: text.rstrip("\n") + "\n\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
+    path.write_text(new.rstrip("\n") + "\n")
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def report(args, single, multi, gen, prof, checks, loads, seconds) -> tuple[str, str]:
+    lines: list[str] = []
+    goals: list[str] = []
+    t1, c1 = single
+    base = med(t1["base"])
+    kb = prof.get("b1 base", {}).get("kernel_us")
+    pmap = {"base": "b1 base", "slots, adapter off": "b1 slots, adapter off",
+            "slots, one adapter (fixed)": "b1 slots, one adapter", "merged": "b1 merged"}
+    lines += [f"Batch 1, seq {args.seq}: {args.runs} interleaved runs per variant (median); profiler "
+              f"{args.profile_runs} runs per variant", "",
+              "| variant | median ms | x base (wall) | kernel ms/run | x base (kernel) | non-adapter kernels x base | kernels/run | adapter kernels/run | adapter share of kernel time |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, values in t1.items():
+        p = prof.get(pmap.get(key, ""), None)
+        cells = [""] * 6 if p is None or kb is None else [
+            f"{p['kernel_us'] / 1e3:.1f}", f"{p['kernel_us'] / kb:.3f}", f"{p['base_us'] / kb:.3f}", f"{p['kernels']:.0f}",
+            f"{p['lora_kernels']:.0f}", f"{100 * p['lora_us'] / p['kernel_us']:.1f}%"]
+        lines.append(f"| {key} | {med(values) * 1e3:.1f} | {med(values) / base:.3f} | " + " | ".join(cells) + " |")
+    lines.append("")
+    off, one = prof["b1 slots, adapter off"], prof["b1 slots, one adapter"]
+    bp = prof["b1 base"]
+    fixed, switch = med(t1["slots, one adapter (fixed)"]), med(t1["slots, switch adapter every run"])
+    goals.append(f"adapter off / base: {off['kernels'] - bp['kernels']:.0f} extra kernels/run "
+                 f"({', '.join(f'{op} {us / 1e3:.2f}' for op, us in off['lora_ops_us'].items())} ms), kernel time "
+                 f"1 + adapter/other = {1 + off['lora_us'] / off['base_us']:.4f}; direct kernel ratio "
+                 f"{off['kernel_us'] / bp['kernel_us']:.3f}, wall {med(t1['slots, adapter off']) / base:.3f} (goal 1.00)")
+    goals.append(f"one adapter / base: kernel time 1 + adapter/other = {1 + one['lora_us'] / one['base_us']:.4f}; "
+                 f"direct kernel ratio {one['kernel_us'] / bp['kernel_us']:.3f}, wall {fixed / base:.3f} "
+                 f"(goal <= 1.03 by kernel time)")
+    goals.append(f"switch every run / fixed adapter: {switch / fixed:.3f} (goal: no measurable difference)")
+    if "new session per switch (+load +run)" in t1:
+        fresh = med(t1["new session per switch (+load +run)"])
+        goals.append(f"new InferenceSession per switch (+load +run) / switch in one session: {fresh / switch:.1f}x "
+                     f"({fresh * 1e3:.0f} ms vs {switch * 1e3:.0f} ms)")
+    merged = med(t1["merged"])
+    goals.append(f"merged / base: wall {merged / base:.3f}, kernel time "
+                 f"{prof['b1 merged']['kernel_us'] / bp['kernel_us']:.3f} (sanity: 1.00)")
+
+    t2, c2 = multi
+    tokens = 16 * args.multi_seq
+    base16 = med(t2["base (batch 16)"])
+    kb16 = prof["b16 base"]["kernel_us"]
+    pmap = {"base (batch 16)": "b16 base", "slots, one adapter (batch 16)": "b16 slots, one adapter",
+            "multi, one shared adapter": "b16 multi, shared", "multi, 16 distinct adapters": "b16 multi, 16 distinct",
+            "multi, no adapter (ids 0)": "b16 multi, none"}
+    lines += [f"Batch 16, seq {args.multi_seq} ({tokens} tokens per run): {args.multi_runs} interleaved runs per "
+              "variant (median)", "",
+              "| variant | median ms | tokens/s | throughput x base | x base (kernel) | non-adapter kernels x base | adapter share of kernel time |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for key, values in t2.items():
+        p = prof[pmap[key]]
+        lines.append(f"| {key} | {med(values) * 1e3:.0f} | {tokens / med(values):.0f} | {base16 / med(values):.3f} | "
+                     f"{p['kernel_us'] / kb16:.3f} | {p['base_us'] / kb16:.3f} | {100 * p['lora_us'] / p['kernel_us']:.1f}% |")
+    lines.append("")
+    distinct, shared = med(t2["multi, 16 distinct adapters"]), med(t2["multi, one shared adapter"])
+    pd = prof["b16 multi, 16 distinct"]
+    goals.append(f"per-row multi-adapter, batch 16 x seq {args.multi_seq}, 16 distinct adapters: throughput / base "
+                 f"wall {base16 / distinct:.3f}, by kernel time 1 / (1 + adapter/other) = "
+                 f"{1 / (1 + pd['lora_us'] / pd['base_us']):.3f}, direct {kb16 / pd['kernel_us']:.3f} (goal >= 0.80); "
+                 f"vs one shared "
+                 f"adapter on the same model {shared / distinct:.3f}; vs slot model with one adapter "
+                 f"{med(t2['slots, one adapter (batch 16)']) / distinct:.3f}")
+    top = sorted(pd["lora_ops_us"].items(), key=lambda kv: -kv[1])[:4]
+    goals.append("multi (16 distinct) adapter kernels by op, ms/run: " +
+                 ", ".join(f"{op} {us / 1e3:.1f}" for op, us in top))
+    ps, pn = prof["b16 multi, shared"], prof["b16 multi, none"]
+    goals.append(f"multi, one shared adapter: 1 + adapter/other = {1 + ps['lora_us'] / ps['base_us']:.3f}; "
+                 f"multi, no adapter (all ids 0): {1 + pn['lora_us'] / pn['base_us']:.3f} (the full banks are "
+                 "still fed and multiplied); slot model, one adapter: "
+                 f"{1 + prof['b16 slots, one adapter']['lora_us'] / prof['b16 slots, one adapter']['base_us']:.3f}")
+
+    t3, c3 = gen
+    gb = med(t3["base"])
+    lines += [f"Greedy generation, prompt {args.prompt}, {args.new_tokens} new tokens, batch 1, KV cache "
+              f"(causal-lm-with-past): {args.gen_runs} interleaved runs per variant (median)", "",
+              "| variant | median ms per generate | tokens/s | x base tokens/s |", "|---|---:|---:|---:|"]
+    for key, values in t3.items():
+        lines.append(f"| {key} | {med(values) * 1e3:.0f} | {args.new_tokens / med(values):.1f} | {gb / med(values):.3f} |")
+    lines.append("")
+    goals.append(f"generation tokens/s, adapter / merged: {med(t3['merged']) / med(t3['slots, one adapter']):.3f}")
+
+    check_lines = [f"{k}: {v:.2e}" if isinstance(v, float) else f"{k}: {v}" for k, v in {**c1, **c2, **c3}.items()]
+    text = "\n".join(lines + ["Summary:", *[f"- {g}" for g in goals], "", "Checks: " + "; ".join(check_lines)])
+    load = ", ".join(f"{x:.1f}" for x in loads)
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU (no GPU machine was lent to this session, "
+               f"so CUDA figures are not measured); load average (1 min) at start/end: {load}; {versions()}")
+    return text, machine
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few runs, no BENCHMARKS.md update")
+    parser.add_argument("--runs", type=int, default=30, help="batch-1 runs per variant (default 30)")
+    parser.add_argument("--multi-runs", type=int, default=30, help="batch-16 runs per variant (default 30)")
+    parser.add_argument("--gen-runs", type=int, default=15, help="generate() calls per variant (default 15)")
+    parser.add_argument("--profile-runs", type=int, default=10, help="profiled runs per variant (default 10)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--multi-seq", type=int, default=32, help="sequence length of the batch-16 runs (default 32)")
+    parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the interleaving order")
+    parser.add_argument("--no-new-session", action="store_true", help="skip the new-session-per-switch variant")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/onnx_peft_bench_rt"))
+    parser.add_argument("--prepare-only", action="store_true", help="export the models and stop")
+    parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args()
+    if args.quick:
+        args.runs, args.multi_runs, args.gen_runs, args.profile_runs, args.warmup = 5, 3, 2, 2, 1
+        args.no_write = True
+    started = time.perf_counter()
+    loads = [os.getloadavg()[0]]
+    paths = prepare(args.cache)
+    if args.prepare_only:
+        return 0
+    log(f"batch 1, seq {args.seq}: {args.runs} runs per variant")
+    single = question_single(paths, args)
+    log(f"batch 16, seq {args.multi_seq}: {args.multi_runs} runs per variant")
+    multi = question_multi(paths, args)
+    log(f"generation: {args.gen_runs} runs per variant")
+    gen = question_generate(paths, args)
+    log(f"profiler: {args.profile_runs} runs per variant")
+    prof = profile(paths, args)
+    loads.append(os.getloadavg()[0])
+    seconds = time.perf_counter() - started
+    text, machine = report(args, single, multi, gen, prof, {}, loads, seconds)
+    checks = {**single[1], **multi[1], **gen[1]}
+    print()
+    print(text)
+    print(f"\nMachine: {machine}. Took {seconds / 60:.1f} min.")
+    (args.cache / "last_run.json").write_text(json.dumps(
+        {"single": single[0], "multi": multi[0], "gen": gen[0], "profile": prof, "checks": checks,
+         "loads": loads}, indent=1))
+    if args.no_write:
+        return 0
+    command = "python benchmarks/runtime.py" + ("" if (args.runs, args.multi_runs, args.gen_runs, args.profile_runs,
+                                                       args.multi_seq) == (30, 30, 15, 10, 32) else
+                                                 f" --runs {args.runs} --multi-runs {args.multi_runs} --gen-runs "
+                                                 f"{args.gen_runs} --profile-runs {args.profile_runs} --multi-seq {args.multi_seq}")
+    section = "\n".join([
+        SECTION, "",
+        "Llama-shaped fp32 model (hidden 1024, 4 layers, intermediate 2816, 16 heads, vocab 32000, ~117M params),",
+        "LoRA r=16 (alpha 32) on all 7 projections, 16 random adapters; ONNX Runtime CPU, default threads.",
+        "Method: wall-clock ratios come from one interleaved run per table (random order each round, medians);",
+        "kernel-time ratios from ORT's profiler (enable_profiling; sum of `*_kernel_time` events per run, adapter",
+        "kernels = nodes our passes add: `<module>/lora/{A,B,add}`, `<bank>/Gather`, `<module>/multi_adapter/*`),",
+        "all profiled sessions alive at once with interleaved runs. The batch-16 items use seq "
+        f"{args.multi_seq} (seq 128 x 16 is too heavy for 2 cores in the time budget).", "",
+        "```", command, "```", "",
+        f"Machine: {machine}. Run took {seconds / 60:.1f} min.", "",
+        text, "",
+    ])
+    write_section(section, args.output)
+    log(f"wrote {SECTION!r} to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

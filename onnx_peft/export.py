@@ -547,7 +547,7 @@ def weight_bytes(module: Any) -> int:
 
 
 def run_exporter(model: Any, spec: ExportSpec, path: Path, opset: int | None = None,
-                 external_data: bool = False, quiet: bool = False) -> str:
+                 external_data: bool = False) -> str:
     """Trace ``model`` with ``spec`` and write ``path``; returns "dynamo" or "torchscript"."""
     torch = require_torch()
     from .graph.io import save_model
@@ -708,8 +708,10 @@ def _install(tmp: Path, output_dir: Path) -> None:
     if not output_dir.exists():
         os.replace(tmp, output_dir)
         return
-    if not (tmp / (MODEL_FILE + ".data")).exists() and (output_dir / (MODEL_FILE + ".data")).exists():
-        os.remove(output_dir / (MODEL_FILE + ".data"))  # stale weights of an earlier export
+    fresh = {p.name for p in _model_files(tmp)}
+    for stale in _model_files(output_dir):  # data files of an earlier export would mislead
+        if stale.name not in fresh:
+            os.remove(stale)
     for entry in sorted(tmp.iterdir(), key=lambda p: p.name == MODEL_FILE):  # model.onnx last
         target = output_dir / entry.name
         if entry.is_dir():
@@ -734,13 +736,17 @@ def _extract(model_path: Path, mode: str) -> Path:
     staging.mkdir()
     new_model, adapter_file = extract_adapters(model_path, staging, make_inputs=mode == "inputs",
                                                external=mode == "external")
-    for suffix in ("", ".data"):
-        stale = model_path.parent / (MODEL_FILE + suffix)
-        if stale.exists():
-            os.remove(stale)
-        if Path(str(new_model) + suffix).exists():
-            os.replace(Path(str(new_model) + suffix), stale)
+    for stale in _model_files(model_path.parent):
+        os.remove(stale)
+    for entry in staging.iterdir():  # the model and every data file it refers to
+        if entry != Path(adapter_file):
+            os.replace(entry, model_path.parent / entry.name)
     return Path(adapter_file)
+
+
+def _model_files(folder: Path) -> list[Path]:
+    """``model.onnx`` and its data files (``model.onnx.data``, ``model.onnx.adapter.data``...)."""
+    return [p for p in folder.glob(MODEL_FILE + "*") if p.name == MODEL_FILE or p.name.startswith(MODEL_FILE + ".")]
 
 
 def _convert(adapters: Mapping[str, Path], model_path: Path) -> dict[str, str]:
@@ -777,10 +783,10 @@ def export(model_or_dir: Any, output_dir: str | os.PathLike, adapters: AdapterSp
     inputs = list(named.values()) + ([model_or_dir] if isinstance(model_or_dir, (str, os.PathLike)) else [])
     _check_output_dir(output_dir, inputs)
     steps = ["load", "export", "extract", "convert"] if mode in ("inputs", "external") else ["load", "export"]
-    bar = iter(progress(steps, desc="onnx-peft export", total=len(steps)))
+    bar = iter(steps if quiet else progress(steps, desc="onnx-peft export", total=len(steps)))
     next(bar, None)
     module, peft, task, source = _prepare(model_or_dir, task, mode, dtype, named)
-    was_training = module.training
+    training = {m: m.training for m in module.modules()}  # restored afterwards, layer by layer
     module.eval()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
@@ -790,7 +796,7 @@ def export(model_or_dir: Any, output_dir: str | os.PathLike, adapters: AdapterSp
             external_data = weight_bytes(module) > EXTERNAL_DATA_BYTES
         next(bar, None)
         model_path = tmp / MODEL_FILE
-        exporter = run_exporter(module, spec, model_path, opset, external_data, quiet)
+        exporter = run_exporter(module, spec, model_path, opset, external_data)
         written: dict[str, str] = {}
         if mode in ("inputs", "external"):
             next(bar, None)
@@ -819,8 +825,8 @@ def export(model_or_dir: Any, output_dir: str | os.PathLike, adapters: AdapterSp
         _install(tmp, output_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if was_training:
-            module.train()
+        for layer, flag in training.items():
+            layer.training = flag
         for _ in bar:
             pass
     seconds = time.perf_counter() - started

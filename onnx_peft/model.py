@@ -136,9 +136,7 @@ class PeftModel(nn.Module):
                     f"{type(model).__name__}; check the names with model.named_modules()"
                 )
         except BaseException:
-            self._remove_adapter_everywhere(adapter_name)
-            if not self.peft_config:
-                self._unload(keep_saved_modules=False)  # drop the wrappers this call put in
+            self._remove_adapter_everywhere(adapter_name, unwrap_empty=True)
             raise
         self.peft_config[adapter_name] = config
         self.set_adapter(self.active_adapters or [adapter_name])
@@ -235,9 +233,18 @@ class PeftModel(nn.Module):
         if remaining:
             self.set_adapter(remaining)
 
-    def _remove_adapter_everywhere(self, adapter_name: str) -> None:
-        for _, layer in self._layers():
+    def _remove_adapter_everywhere(self, adapter_name: str, unwrap_empty: bool = False) -> None:
+        """Delete ``adapter_name`` from every layer; with ``unwrap_empty`` (undoing a failed add
+        or load) a wrapper left with no adapter gives its place back to the module it wrapped."""
+        model = self.base_model.model
+        for key, layer in list(self._layers()):
             layer.delete_adapter(adapter_name)
+            if not unwrap_empty or self._is_inside_tuner(model, key):
+                continue
+            if isinstance(layer, AdapterLayer) and not layer.adapter_names():
+                self._replace(model, key, layer.base_layer)
+            elif isinstance(layer, ModulesToSaveWrapper) and not len(layer.modules_to_save):
+                self._replace(model, key, layer.original_module)
 
     # -- merging / unloading ---------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -357,15 +364,19 @@ class PeftModel(nn.Module):
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
                         is_trainable: bool = False, config: AdapterConfig | None = None,
                         allow_pickle: bool = False, **kwargs: Any) -> PeftModel:
-        """Wrap ``model`` and load the PEFT adapter directory ``model_id`` into it."""
+        """Wrap ``model`` and load the PEFT adapter directory ``model_id`` into it.
+
+        As in PEFT, ``init_lora_weights`` "pissa"/"olora" runs again on load: it turns the
+        base weight into the same residual the adapter was trained on (PEFT's PiSSA recipe
+        saves ``init_lora_weights=True`` when the residual model itself is shipped).
+        """
         config = config or AdapterConfig.from_pretrained(model_id)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
-        fresh = dataclasses.replace(config, init_lora_weights=True)  # never re-run PiSSA/OLoRA on load
-        peft_model = cls(model, fresh, adapter_name)
-        peft_model.peft_config[adapter_name].init_lora_weights = config.init_lora_weights
+        peft_model = cls(model, config, adapter_name)
         try:
             peft_model._load_weights(model_id, adapter_name, allow_pickle)
         except OnnxPeftError:
+            peft_model._undo_base_init(adapter_name)
             peft_model._unload(keep_saved_modules=False)  # hand the caller's model back untouched
             raise
         peft_model.set_adapter(adapter_name)
@@ -376,14 +387,26 @@ class PeftModel(nn.Module):
         """Load another PEFT adapter directory next to the existing ones (not activated)."""
         config = AdapterConfig.from_pretrained(model_id)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
-        self.add_adapter(adapter_name, dataclasses.replace(config, init_lora_weights=True))
-        self.peft_config[adapter_name].init_lora_weights = config.init_lora_weights
+        self.add_adapter(adapter_name, config)
         try:
             self._load_weights(model_id, adapter_name, allow_pickle)
         except OnnxPeftError:
-            self.delete_adapter(adapter_name)
+            self._undo_base_init(adapter_name)
+            self._remove_adapter_everywhere(adapter_name, unwrap_empty=True)
+            del self.peft_config[adapter_name]
+            self.set_adapter(self.active_adapters)
             raise
         self.set_adapter(self.active_adapters)
+
+    def _undo_base_init(self, adapter_name: str) -> None:
+        """PiSSA/OLoRA moved ``s * B0 @ A0`` out of the base weights; put it back (failed load)."""
+        init = self.peft_config[adapter_name].init_lora_weights
+        if not isinstance(init, str) or init == "gaussian":
+            return
+        for _, layer in self._layers():
+            if isinstance(layer, LoraLayer) and adapter_name in layer.r:
+                layer.merge([adapter_name])
+                layer.merged_adapters.remove(adapter_name)
 
     def _load_weights(self, model_id: str | os.PathLike, adapter_name: str, allow_pickle: bool) -> None:
         """Copy checkpoint tensors into the adapter; every key must land, every shape must fit."""

@@ -13,7 +13,12 @@ import pytest
 
 from onnx_peft import AdapterConfig, LoraConfig
 from onnx_peft.errors import AdapterConfigError
-from onnx_peft.methods.lora import dora_factor, dora_weight, lora_delta_weight, lora_embedding_delta_weight
+from onnx_peft.methods.lora import (
+    dora_factor,
+    dora_weight,
+    lora_delta_weight,
+    lora_embedding_delta_weight,
+)
 from onnx_peft.targets import is_target, layer_index, pattern_value
 
 PEFT_WRITTEN = {  # an adapter_config.json as PEFT 0.21 writes it, trimmed of nothing

@@ -8,7 +8,6 @@ compare logits. The saved tensor keys and shapes must match too.
 from __future__ import annotations
 
 import pytest
-import torch
 from tiny_models import (
     image_batch,
     max_diff,
@@ -54,6 +53,13 @@ CASES = {
     "gpt2-conv1d-fan-in-fan-out-unset": (tiny_gpt2, token_ids, dict(r=2, target_modules=["c_proj"])),
     "llama-fan-in-fan-out-on-linear": (tiny_llama, token_ids, dict(r=2, fan_in_fan_out=True,
                                                                    target_modules=["q_proj", "up_proj"])),
+    # PiSSA/OLoRA re-run on load (as PEFT does), so the base becomes the trained-on residual
+    "llama-pissa": (tiny_llama, token_ids, dict(r=4, lora_alpha=8, init_lora_weights="pissa",
+                                                target_modules=["q_proj", "down_proj"])),
+    "llama-olora": (tiny_llama, token_ids, dict(r=4, lora_alpha=8, init_lora_weights="olora",
+                                                target_modules=["k_proj", "up_proj"])),
+    "gpt2-pissa": (tiny_gpt2, token_ids, dict(r=4, fan_in_fan_out=True, init_lora_weights="pissa",
+                                              target_modules=["c_attn"])),
     "gpt2-embedding": (tiny_gpt2, token_ids, dict(r=3, lora_alpha=6, target_modules=["wte", "wpe"])),
     "gpt2-bias-all": (tiny_gpt2, token_ids, dict(r=2, fan_in_fan_out=True, bias="all", target_modules=["c_attn"])),
     "gpt2-bias-lora-only": (tiny_gpt2, token_ids, dict(r=2, fan_in_fan_out=True, bias="lora_only",
@@ -132,7 +138,8 @@ def test_print_trainable_parameters_matches_peft(case, capsys):
     assert ours.startswith("trainable params: ")
 
 
-@pytest.mark.parametrize("case", ["llama-dora", "gpt2-conv1d", "cnn-conv", "llama-embedding-dora"])
+@pytest.mark.parametrize("case", ["llama-dora", "gpt2-conv1d", "gpt2-conv1d-dora", "cnn-conv", "cnn-conv-dora",
+                                  "llama-embedding-dora", "bert-seq-cls"])
 def test_merged_weights_equal_peft_merged_weights(case, tmp_path):
     build, inputs, kwargs = CASES[case]
     theirs = peft.get_peft_model(build(), _peft_config(kwargs))
@@ -183,4 +190,3 @@ def test_shared_default_fields_equal_peft_defaults():
                  "use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern",
                  "modules_to_save", "target_modules", "exclude_modules", "inference_mode"):
         assert getattr(ours, name) == getattr(theirs, name), name
-    assert torch is not None

@@ -249,6 +249,20 @@ def test_target_modules_matching_nothing_is_a_typed_error_and_changes_nothing():
     assert [n for n, _ in model.named_modules()] == names
 
 
+def test_add_adapter_failing_midway_leaves_the_model_as_it_was():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["k_proj"]))
+    names = sorted(n for n, _ in model.named_parameters())
+    x = token_ids()
+    before = run(model, x)
+
+    with pytest.raises(AdapterConfigError, match="model.norm .LlamaRMSNorm. cannot take a LoRA adapter"):
+        model.add_adapter("bad", LoraConfig(target_modules=["v_proj", "norm"]))  # v_proj comes first
+
+    assert list(model.peft_config) == ["default"]
+    assert sorted(n for n, _ in model.named_parameters()) == names
+    assert max_diff(run(model, x), before) <= TOL
+
+
 # -- which modules are adapted ---------------------------------------------------------------
 def _adapted_paths(model) -> list[str]:
     return sorted(name for name, m in model.base_model.model.named_modules() if isinstance(m, LoraLayer))
@@ -503,3 +517,101 @@ def test_peft_model_exposes_base_model_attributes():
     assert model.config.hidden_size == 32
     assert isinstance(model.get_base_model(), type(tiny_llama()))
     assert isinstance(onnx_peft.PeftModel, type)
+
+
+# -- modules_to_save (SEQ_CLS head) --------------------------------------------------------------
+def _seq_cls_pair():
+    kwargs = dict(r=4, task_type="SEQ_CLS", target_modules=["query", "value"])
+    ours = get_peft_model(tiny_bert_cls(), LoraConfig(**kwargs))
+    theirs = peft.get_peft_model(tiny_bert_cls(), peft.LoraConfig(**kwargs)).eval()
+    randomize_adapters(theirs, seed=12)
+    copy_adapter_state(theirs, ours)
+    return ours, theirs
+
+
+def test_seq_cls_head_copy_is_used_and_disable_adapter_returns_to_the_original_head():
+    ours, theirs = _seq_cls_pair()
+    x = token_ids()
+
+    assert max_diff(run(ours, x), run(theirs, x)) <= TOL
+    with ours.disable_adapter():
+        assert max_diff(run(ours, x), run(tiny_bert_cls(), x)) <= TOL
+
+
+def test_seq_cls_merge_and_unload_keeps_the_trained_head_like_peft():
+    ours, theirs = _seq_cls_pair()
+    x = token_ids()
+
+    plain_ours, plain_theirs = ours.merge_and_unload(), theirs.merge_and_unload()
+
+    assert isinstance(plain_ours.classifier, nn.Linear)
+    assert max_diff(run(plain_ours, x), run(plain_theirs, x)) <= TOL
+
+
+def test_seq_cls_saved_config_lists_the_heads_like_peft(tmp_path):
+    ours, theirs = _seq_cls_pair()
+
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "peft")
+
+    mine = LoraConfig.from_pretrained(tmp_path / "ours").modules_to_save
+    their = peft.PeftConfig.from_pretrained(tmp_path / "peft").modules_to_save
+    assert sorted(mine) == sorted(their)
+
+
+def test_seq_cls_loaded_trainable_trains_lora_and_head_copy(tmp_path):
+    ours, _ = _seq_cls_pair()
+    ours.save_pretrained(tmp_path)
+
+    loaded = onnx_peft.PeftModel.from_pretrained(tiny_bert_cls(), tmp_path, is_trainable=True)
+
+    trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
+    assert any("classifier.modules_to_save.default" in n for n in trainable)
+    assert all("lora_" in n or "modules_to_save" in n for n in trainable)
+
+
+# -- merge options ---------------------------------------------------------------------------------
+def test_safe_merge_refuses_non_finite_weights_and_leaves_weights_alone():
+    base, model, x = _adapted("linear")
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight[0, 0] = float("nan")
+    before = layer.base_layer.weight.clone()
+
+    with pytest.raises(OnnxPeftError, match="NaN"):
+        model.merge_adapter(safe_merge=True)
+
+    assert torch.equal(layer.base_layer.weight, before)
+
+
+def test_merge_adapter_with_names_merges_only_those():
+    ours, _ = _two_adapter_models()
+    x = token_ids()
+    ours.set_adapter("b")
+    expected_b = run(ours, x)
+
+    ours.merge_adapter(["b"])
+
+    assert max_diff(run(ours, x), expected_b) <= TOL
+    layers = _lora_layers(ours)
+    assert all(layer.merged_adapters in ([], ["b"]) for layer in layers)
+
+
+def test_several_active_adapters_with_dora_equal_peft():
+    cfg_a = dict(r=2, lora_alpha=4, use_dora=True, target_modules=["q_proj", "v_proj"])
+    cfg_b = dict(r=3, lora_alpha=3, target_modules=["v_proj"])
+    ours = get_peft_model(tiny_llama(), LoraConfig(**cfg_a), adapter_name="a")
+    ours.add_adapter("b", LoraConfig(**cfg_b))
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**cfg_a), adapter_name="a")
+    theirs.add_adapter("b", peft.LoraConfig(**cfg_b))
+    randomize_adapters(theirs, seed=13)
+    copy_adapter_state(theirs, ours)
+    x = token_ids()
+
+    ours.set_adapter(["a", "b"])
+    theirs.base_model.set_adapter(["a", "b"])
+    expected = run(theirs.eval(), x)
+
+    assert max_diff(run(ours, x), expected) <= TOL
+    ours.merge_adapter()
+    assert max_diff(run(ours, x), expected) <= TOL

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..passes.extract_adapters import SAVE_FORMATS, extract_adapters
+from ..passes.extract_adapters import SAVE_FORMATS, adapter_data_name, extract_adapters
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -12,15 +12,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output-dir", required=True, help="folder for the model and the adapter file")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--make-inputs", dest="external", action="store_false",
-                      help="adapter tensors become graph inputs (default)")
+                      help="adapter tensors become graph inputs, one rank dim per module (default)")
     mode.add_argument("--external", dest="external", action="store_true",
-                      help="adapter tensors stay initializers, the runtime supplies them")
+                      help="adapter tensors become initializers stored in <model>.adapter.data; the runtime "
+                           "swaps them with SessionOptions.add_external_initializers (same ranks)")
     parser.set_defaults(external=False)
-    parser.add_argument("--pack-inputs", action="store_true", help="one packed input per dtype (not implemented)")
-    parser.add_argument("--optional-inputs", dest="optional_inputs", action="store_true", default=True,
-                        help="inputs default to zero-rank tensors: no feeds = base model (default)")
-    parser.add_argument("--required-inputs", dest="optional_inputs", action="store_false",
-                        help="inputs have no defaults")
+    parser.add_argument("--pack-inputs", action="store_true",
+                        help="one flat input per dtype (packed_adapters.<dtype> + .sizes), cut apart in the graph")
+    optional = parser.add_mutually_exclusive_group()
+    optional.add_argument("--optional-inputs", dest="optional_inputs", action="store_true", default=True,
+                          help="inputs default to zero-rank tensors: no feeds = base model (default)")
+    optional.add_argument("--no-optional-inputs", "--required-inputs", dest="optional_inputs",
+                          action="store_false", help="inputs have no defaults; every run must feed them")
     parser.add_argument("--format", choices=SAVE_FORMATS, default="onnx_adapter", help="adapter file format")
 
 
@@ -30,4 +33,6 @@ def run(args: argparse.Namespace) -> int:
         optional_inputs=args.optional_inputs, external=args.external, save_format=args.format,
     )
     print(f"model written to {model}\nadapter written to {adapter}")
+    if args.external:
+        print(f"adapter initializers stored in {model.parent / adapter_data_name(model)}")
     return 0

@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterConfigError
-from ..methods.lora import LoraConfig, lora_delta_weight, lora_embedding_delta_weight, lora_scaling, row_norm
+from ..methods.lora import (
+    LoraConfig,
+    lora_delta_weight,
+    lora_embedding_delta_weight,
+    lora_scaling,
+    row_norm,
+)
 from .base import AdapterLayer
 
 
@@ -326,8 +332,10 @@ class Conv(LoraLayer):
 def make_lora_layer(module: nn.Module, adapter_name: str, config: LoraConfig, module_path: str) -> LoraLayer:
     """Wrap ``module`` in the LoRA layer for its type and create ``adapter_name`` on it."""
     layer: LoraLayer
+    # The weight layout is a property of the module type, not of the config: nn.Linear is
+    # [out, in], Conv1D [in, out]. PEFT overrides a wrong fan_in_fan_out the same way.
     if isinstance(module, nn.Linear):
-        layer = Linear(module, fan_in_fan_out=config.fan_in_fan_out)
+        layer = Linear(module, fan_in_fan_out=False)
     elif isinstance(module, nn.Embedding):
         layer = Embedding(module)
     elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
