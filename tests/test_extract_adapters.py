@@ -246,8 +246,10 @@ def test_cli_extract(tmp_path):
     packed, _ = load_adapter_file(tmp_path / "p" / "model.npz")
     assert set(packed) == set(PACKED)
     assert PACKED[0] not in {i.name for i in onnx.load(str(tmp_path / "p" / "model.onnx")).graph.initializer}
+    onnx.checker.check_model(str(tmp_path / "p" / "model.onnx"))
     assert max_diff(run_onnx(tmp_path / "p" / "model.onnx", {**c.feeds, **packed}), c.adapted) <= TOL
     assert main(["--quiet", "extract", str(c.path), "-o", str(tmp_path / "e"), "--external"]) == 0
     assert (tmp_path / "e" / "model.onnx.adapter.data").is_file() and (tmp_path / "e" / "model.onnx_adapter").is_file()
+    onnx.checker.check_model(str(tmp_path / "e" / "model.onnx"))
     assert max_diff(run_onnx(tmp_path / "e" / "model.onnx", c.feeds), c.adapted) <= TOL
     assert main(["--quiet", "extract", str(c.path), "-o", str(tmp_path / "x"), "--external", "--pack-inputs"]) == 1
