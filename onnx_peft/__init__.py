@@ -11,6 +11,7 @@ from typing import Any
 
 from .config import AdapterConfig
 from .errors import OnnxPeftError
+from .export import export  # eager: the function must shadow the submodule of the same name
 from .methods.lora import LoraConfig
 
 __version__ = "0.1.0"
@@ -19,7 +20,6 @@ __version__ = "0.1.0"
 _LAZY: dict[str, tuple[str, bool]] = {
     "get_peft_model": ("onnx_peft.model", True),
     "PeftModel": ("onnx_peft.model", True),
-    "export": ("onnx_peft.export", False),
     "AdapterSession": ("onnx_peft.runtime", False),
     "merge_adapters": ("onnx_peft.passes.merge_adapters", False),
     "extract_adapters": ("onnx_peft.passes.extract_adapters", False),
@@ -29,7 +29,7 @@ _LAZY: dict[str, tuple[str, bool]] = {
     "train": ("onnx_peft.train", True),
 }
 
-__all__ = ["AdapterConfig", "LoraConfig", "OnnxPeftError", *_LAZY]
+__all__ = ["AdapterConfig", "LoraConfig", "OnnxPeftError", "export", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

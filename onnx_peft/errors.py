@@ -31,6 +31,10 @@ class ModelFileError(OnnxPeftError):
     """An ONNX model file is missing, corrupt, or refers to unsafe external data."""
 
 
+class ExportError(OnnxPeftError):
+    """Exporting a model to ONNX failed or gave outputs that differ from PyTorch."""
+
+
 class NoAdapterSitesError(OnnxPeftError):
     """A graph pass found no adapter site where it needed one."""
 

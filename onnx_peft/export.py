@@ -53,6 +53,7 @@ from typing import Any
 
 from .errors import (
     AdapterConfigError,
+    ExportError,
     MissingDependencyError,
     ModelFileError,
     OnnxPeftError,
@@ -574,7 +575,7 @@ def run_exporter(model: Any, spec: ExportSpec, path: Path, opset: int | None = N
                               **common)
             save_model(ir.load(raw), path, external_data=external_data)
     except Exception as exc:
-        raise OnnxPeftError(
+        raise ExportError(
             f"exporting {type(model).__name__} failed with both torch.onnx exporters "
             f"(dynamo: {first}; TorchScript: {type(exc).__name__}: {exc}); try another task or "
             "transformers version, or run with --debug for the traceback"
@@ -582,7 +583,7 @@ def run_exporter(model: Any, spec: ExportSpec, path: Path, opset: int | None = N
     diff = check_outputs(module, spec, path)
     atol = _FALLBACK_CHECK_ATOL.get(str(next(model.parameters()).dtype), 1e-4)
     if diff is not None and not diff <= atol:
-        raise OnnxPeftError(
+        raise ExportError(
             f"the TorchScript exporter (used because dynamo failed: {first}) wrote a model whose "
             f"outputs differ from PyTorch by {diff:.3g}; it cannot export {type(model).__name__} "
             "with this transformers version. Fix the dynamo failure (--debug shows it)"

@@ -129,6 +129,7 @@ STEP_TYPES: dict[str, StepType] = {
     "OnnxConversion": StepType({"task": "auto", "mode": "in-graph", "dtype": "fp32", "target_opset": None},
                                False, _onnx_conversion),
     "MergeAdapterWeights": StepType({"adapter": None}, True, _merge),
+    # dynamic_lora_r: Olive's flag; our rank dims are always symbolic (one per module).
     "ExtractAdapters": StepType({"make_inputs": True, "pack_inputs": False, "optional_inputs": True,
                                  "external": False, "dynamic_lora_r": True, "save_format": "onnx_adapter"},
                                 True, _extract),
@@ -197,7 +198,7 @@ def run_recipe(recipe: Mapping[str, Any] | str | os.PathLike, model: str | os.Pa
     """Run a recipe; arguments override the recipe's input model, adapters, output dir and data."""
     import onnx_ir as ir
 
-    from .graph.io import load_model, save_model
+    from .graph.io import load_model
 
     if not isinstance(recipe, Mapping):
         recipe = load_recipe(recipe)
@@ -237,11 +238,28 @@ def run_recipe(recipe: Mapping[str, Any] | str | os.PathLike, model: str | os.Pa
             raise RecipeError(f"{source}: {group[0][0]} needs an ONNX model; add an OnnxConversion step first")
         passes = [STEP_TYPES[name].build(opts, state) for name, opts in group]
         ir_model = load_model(state.onnx_model)
-        ir.passes.PassManager(passes)(ir_model)
-        state.onnx_model = save_model(ir_model, out / "model.onnx", external_data=True)
+        try:
+            ir.passes.PassManager(passes)(ir_model)
+        except ir.passes.PassError as exc:  # surface our own error, not onnx_ir's wrapper
+            cause = exc
+            while cause.__cause__ is not None and isinstance(cause, ir.passes.PassError):
+                cause = cause.__cause__
+            raise cause from None
+        state.onnx_model = _save(ir_model, out / "model.onnx", passes)
         _write_adapter_files(passes, state)
         state.log.append(f"{' + '.join(name for name, _ in group)}: {state.onnx_model}")
     return state
+
+
+def _save(model: Any, path: Path, passes: list[Any]) -> Path:
+    """Save once; an external-mode extraction keeps its adapter tensors in their own side file."""
+    from .graph.io import save_model
+    from .passes.extract_adapters import ExtractAdapters, save_extracted_model
+
+    external = [p for p in passes if isinstance(p, ExtractAdapters) and p.external]
+    if external:
+        return save_extracted_model(model, path, external[-1])
+    return save_model(model, path, external_data=True)
 
 
 def _write_adapter_files(passes: list[Any], state: RecipeState) -> None:
