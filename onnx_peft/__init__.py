@@ -26,7 +26,7 @@ _LAZY: dict[str, tuple[str, bool]] = {
     "insert_adapters": ("onnx_peft.passes.insert_adapters", False),
     "multi_adapter": ("onnx_peft.passes.multi_adapter", False),
     "convert_adapters": ("onnx_peft.convert", False),
-    "train": ("onnx_peft.train", True),
+    "train": ("onnx_peft.training", True),
 }
 
 __all__ = ["AdapterConfig", "LoraConfig", "OnnxPeftError", "export", *_LAZY]

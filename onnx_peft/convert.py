@@ -9,6 +9,11 @@ A slot model computes ``Add(x W^T, MatMul(MatMul(x, A_slot), B_slot))``, so we w
     <module>.lora_A.weight   A^T        [in, r]
     <module>.lora_B.weight   (s B)^T    [r, out]      s from methods.lora (rank/alpha patterns, rsLoRA)
 
+A module trained in full (PEFT ``modules_to_save``, e.g. ``base_model.model.classifier.weight``
+``[out, in]`` and ``.bias`` ``[out]``) fills the model's full-weight slots ``<module>.weight`` /
+``<module>.bias``, the weight transposed when the slot's layout is ``in_out``; an adapter without
+that module leaves the slots at their defaults (the base head).
+
 GPT-2's Conv1D (``fan_in_fan_out``) changes only the base weight's orientation, not A or B,
 so the slot tensors are the same. DoRA adds one ``[out]`` slot holding the per-channel factor
 ``m / ||W + s B A||_row``, which needs the base weight: read from the model, one at a time.
@@ -34,7 +39,16 @@ from .formats import (
     resolve_fingerprint,
     save_adapter_file,
 )
-from .graph.contract import PEFT_PREFIX, Contract, Slot, check_adapter, read_contract, slot_name
+from .graph.contract import (
+    FULL_WEIGHT_METHOD,
+    PEFT_PREFIX,
+    Contract,
+    Slot,
+    check_adapter,
+    read_contract,
+    slot_name,
+    strip_peft_prefix,
+)
 from .methods.lora import LoraConfig, dora_factor, lora_delta_weight
 
 A_SUFFIX = "lora_A.weight"
@@ -71,7 +85,9 @@ def group_peft_tensors(tensors: Mapping[str, np.ndarray], source: str = "adapter
         else:
             raise IncompatibleAdapterError(
                 f"{source}: tensor {key!r} is not a LoRA A/B matrix of a linear layer; onnx-peft "
-                "converts LoRA/DoRA on Linear and Conv1D modules only (merge the others with PEFT)"
+                "converts LoRA/DoRA on Linear and Conv1D modules only (merge the others with PEFT), "
+                "and a Linear trained in full (modules_to_save) only against a model with a slot for "
+                "it (export(..., adapters=..., mode='inputs'), then pass that model)"
             )
     for module, parts in modules.items():
         for needed in (A_SUFFIX, B_SUFFIX):
@@ -123,19 +139,41 @@ def _extra_dora_slot(contract: Contract, module: str) -> Slot | None:
     return None
 
 
+def full_weight_tensors(tensors: Mapping[str, np.ndarray], contract: Contract | None, dtype: Any = np.float32
+                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Split PEFT tensors into (full-weight slot tensors, the rest).
+
+    ``base_model.model.<module>.weight`` ``[out, in]`` matching a ``modules_to_save`` slot of
+    ``contract`` is transposed to the slot's layout; ``.bias`` ``[out]`` is kept as is.
+    """
+    slots = {s.name: s for s in contract.slots if s.method == FULL_WEIGHT_METHOD} if contract else {}
+    full, rest = {}, {}
+    for key, value in tensors.items():
+        slot = slots.get(strip_peft_prefix(key)) if key.startswith(PEFT_PREFIX) else None
+        if slot is None:
+            rest[key] = value
+            continue
+        array = np.asarray(value)
+        if slot.layout == "in_out" and array.ndim == 2:
+            array = array.T
+        full[slot.name] = np.ascontiguousarray(array).astype(numpy_dtype(dtype))
+    return full, rest
+
+
 def peft_to_slots(config: Any, tensors: Mapping[str, np.ndarray], dtype: Any = np.float32,
                   base_weight: Any = None, contract: Contract | None = None,
                   source: str = "adapter") -> dict[str, np.ndarray]:
     """All slot tensors of a PEFT adapter (config + PEFT-keyed tensors).
 
     ``base_weight(module) -> [out, in] array`` is needed for DoRA only; ``contract`` gives the
-    DoRA factor slot its name (the model defines it).
+    DoRA factor slot its name (the model defines it) and its full-weight (modules_to_save)
+    slots their layout.
     """
     if not isinstance(config, LoraConfig):
         raise IncompatibleAdapterError(
             f"{source}: peft_type {config.peft_type} cannot be converted to slots; only LoRA/DoRA can"
         )
-    slots: dict[str, np.ndarray] = {}
+    slots, tensors = full_weight_tensors(tensors, contract, dtype)
     for module, parts in sorted(group_peft_tensors(tensors, source).items()):
         slots.update(lora_slot_tensors(module, parts, config, dtype, source))
         if config.use_dora or MAGNITUDE_SUFFIX in parts:

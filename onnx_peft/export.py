@@ -151,10 +151,14 @@ def _auto_class(task: str, architecture: str) -> Any:
     return cls if cls is not None and hasattr(cls, "from_pretrained") else transformers.AutoModel
 
 
-def load_model_dir(model_dir: str | os.PathLike, task: str = "auto") -> tuple[Any, str]:
+def load_model_dir(model_dir: str | os.PathLike, task: str = "auto",
+                   num_labels: int | None = None) -> tuple[Any, str]:
     """Load a local transformers folder (config.json + weights) in fp32, eval mode.
 
     Returns ``(model, task)`` with ``task`` resolved. Never touches the network.
+    ``num_labels`` (sequence-classification only): the head size the adapters were trained
+    with; when it differs from the folder's, the base head is re-initialised at that size
+    (the adapters bring their own head, see :func:`adapter_num_labels`).
     """
     path = Path(model_dir)
     if not path.is_dir():
@@ -178,9 +182,15 @@ def load_model_dir(model_dir: str | os.PathLike, task: str = "auto") -> tuple[An
     archs = getattr(config, "architectures", None) or [""]
     task = resolve_task(task, archs[0], source=str(path))
     cls = _auto_class(task, archs[0])
+    extra: dict[str, Any] = {}
+    if task == "sequence-classification" and num_labels and num_labels != getattr(config, "num_labels", None):
+        log.warning("%s has %s labels, the adapters %d: its head is re-initialised with %d outputs "
+                    "(the adapters' own heads replace it)", path, getattr(config, "num_labels", "?"),
+                    num_labels, num_labels)
+        extra = {"num_labels": num_labels, "ignore_mismatched_sizes": True}
     try:
         with _quiet_warnings():
-            model = cls.from_pretrained(path, local_files_only=True)
+            model = cls.from_pretrained(path, local_files_only=True, **extra)
     except Exception as exc:
         raise ModelFileError(
             f"{path}: transformers could not load the weights as {getattr(cls, '__name__', cls)} "
@@ -306,6 +316,94 @@ def _excluded(config: Any, path: str) -> bool:
     from .targets import is_excluded
 
     return is_excluded(path, config)
+
+
+_SEQ_CLS_HEADS = ("classifier", "score")  # PEFT adds these to modules_to_save for task_type SEQ_CLS
+LABELS_FILE = "labels.json"
+
+
+def _modules_to_save(config: Any) -> list[str]:
+    names = list(getattr(config, "modules_to_save", None) or [])
+    if getattr(config, "task_type", None) == "SEQ_CLS":
+        names += [h for h in _SEQ_CLS_HEADS if h not in names]
+    return names
+
+
+def full_weight_modules(model: Any, adapters: Mapping[str, Path]) -> tuple[list[str], list[str]]:
+    """Linear modules the adapters train in full (PEFT ``modules_to_save``), and those with a bias.
+
+    Each becomes a full-weight slot (``<module>.weight`` / ``.bias``, default = the base's).
+    A modules_to_save module made of Linears only (RoBERTa's ``classifier``: dense, out_proj)
+    gives its Linears; anything else (an embedding, a LayerNorm) raises AdapterConfigError,
+    since its trained copy would otherwise be silently dropped.
+    """
+    from .config import AdapterConfig
+
+    torch = require_torch()
+    modules: dict[str, bool] = {}
+    for name, path in adapters.items():
+        config = AdapterConfig.from_pretrained(path)
+        wanted = _modules_to_save(config)
+        for key, module in model.named_modules():
+            if not key or not any(key == w or key.endswith(f".{w}") for w in wanted):
+                continue
+            linears = {f"{key}.{sub}" if sub else key: m for sub, m in module.named_modules()
+                       if type(m) is torch.nn.Linear}
+            owned = {id(p) for m in linears.values() for p in m.parameters()}
+            stray = [n for n, p in module.named_parameters() if id(p) not in owned]
+            if not linears or stray:
+                raise AdapterConfigError(
+                    f"{path}: modules_to_save module {key!r} ({type(module).__name__}) is not a Linear"
+                    f"{f' (parameter {stray[0]!r})' if stray else ''}; only Linear heads can be served as "
+                    "swappable slots. Export this adapter with mode='merged' or 'in-graph'"
+                )
+            for linear_path, linear in linears.items():
+                modules[linear_path] = linear.bias is not None
+    return list(modules), [m for m, has_bias in modules.items() if has_bias]
+
+
+def adapter_num_labels(adapters: Mapping[str, Path]) -> int | None:
+    """The classifier size the adapters were trained with, or None when none of them says.
+
+    Read from ``labels.json`` (written by onnx_peft.training) or else from the head's shape in
+    ``adapter_model.safetensors`` (``base_model.model.classifier.weight`` [num_labels, hidden]).
+    All adapters that say must agree.
+    """
+    found: dict[str, tuple[int, Path]] = {}
+    for name, path in adapters.items():
+        count = _labels_of(path)
+        if count is not None:
+            found[name] = (count, path)
+    if not found:
+        return None
+    first, first_path = next(iter(found.values()))
+    for count, path in found.values():
+        if count != first:
+            raise AdapterConfigError(f"adapters disagree on the number of labels: {first_path} has {first}, "
+                                     f"{path} has {count}; one model serves heads of one size only")
+    return first
+
+
+def _labels_of(path: Path) -> int | None:
+    labels = path / LABELS_FILE
+    if labels.is_file():
+        try:
+            data = json.loads(labels.read_text())
+            return len(data["id2label"] if isinstance(data, dict) and "id2label" in data else data)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AdapterConfigError(f"{labels}: not a labels file ({exc})") from exc
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="np") as handle:
+        keys = set(handle.keys())
+        for head in _SEQ_CLS_HEADS:
+            for key in (f"base_model.model.{head}.weight", f"base_model.model.{head}.out_proj.weight"):
+                if key in keys:
+                    return int(handle.get_slice(key).get_shape()[0])
+    return None
 
 
 def slot_model(model: Any, adapters: Mapping[str, Path]) -> Any:
@@ -653,7 +751,7 @@ def _prepare(model_or_dir: Any, task: str, mode: str, dtype: str,
     source: str | None = None
     if isinstance(model_or_dir, (str, os.PathLike)):
         source = str(model_or_dir)
-        model, task = load_model_dir(model_or_dir, task)
+        model, task = load_model_dir(model_or_dir, task, num_labels=adapter_num_labels(adapters) if adapters else None)
         owned = True
     elif isinstance(model_or_dir, torch.nn.Module) and hasattr(transformers_model(model_or_dir), "config"):
         model = model_or_dir
@@ -724,7 +822,7 @@ def _install(tmp: Path, output_dir: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _extract(model_path: Path, mode: str) -> Path:
+def _extract(model_path: Path, mode: str, full_weights: tuple[list[str], list[str]] = ([], [])) -> Path:
     """Replace the in-graph ``model_path`` by its extracted form; returns the adapter file
     holding the tensors that were in the graph (the exported adapter, in slot layout)."""
     try:
@@ -736,7 +834,8 @@ def _extract(model_path: Path, mode: str) -> Path:
     staging = model_path.parent / ".extracted"
     staging.mkdir()
     new_model, adapter_file = extract_adapters(model_path, staging, make_inputs=mode == "inputs",
-                                               external=mode == "external")
+                                               external=mode == "external", full_weight_modules=full_weights[0],
+                                               full_weight_biases=full_weights[1])
     for stale in _model_files(model_path.parent):
         os.remove(stale)
     for entry in staging.iterdir():  # the model and every data file it refers to
@@ -770,8 +869,9 @@ def export(model_or_dir: Any, output_dir: str | os.PathLike, adapters: AdapterSp
     ``model_or_dir``: a local transformers folder, a transformers model, or a PeftModel (ours
     or Hugging Face's). ``adapters``: PEFT adapter folders, ``{name: dir}`` or a list (named
     by folder); modes in-graph/merged take one, inputs/external any number (the model gets a
-    slot on every module any of them targets, and each is written to
-    ``adapters/NAME.onnx_adapter``). ``external_data``: None decides by size (> 1 GB).
+    slot on every module any of them targets, a full-weight slot on every Linear they train in
+    full (``modules_to_save``, e.g. a classifier head; sequence-classification models are loaded
+    with the adapters' number of labels), and each is written to ``adapters/NAME.onnx_adapter``). ``external_data``: None decides by size (> 1 GB).
     A model passed in is never changed; the output appears only when complete.
     """
     if mode not in MODES:
@@ -787,6 +887,8 @@ def export(model_or_dir: Any, output_dir: str | os.PathLike, adapters: AdapterSp
     bar = iter(steps if quiet else progress(steps, desc="onnx-peft export", total=len(steps)))
     next(bar, None)
     module, peft, task, source = _prepare(model_or_dir, task, mode, dtype, named)
+    # heads the adapters train in full become full-weight slots (default: the base head)
+    full_weights = full_weight_modules(module, named) if named and mode in ("inputs", "external") else ([], [])
     training = {m: m.training for m in module.modules()}  # restored afterwards, layer by layer
     module.eval()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -801,7 +903,7 @@ def export(model_or_dir: Any, output_dir: str | os.PathLike, adapters: AdapterSp
         written: dict[str, str] = {}
         if mode in ("inputs", "external"):
             next(bar, None)
-            extracted = _extract(model_path, mode)
+            extracted = _extract(model_path, mode, full_weights)
             next(bar, None)
             if named:  # the graph held placeholder weights; convert the real adapters
                 written = _convert(named, model_path)

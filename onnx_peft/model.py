@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import re
 from collections.abc import Iterator
@@ -85,6 +86,9 @@ class PeftModel(nn.Module):
         self.active_adapters: list[str] = []
         self.add_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
+        # Show the wrapped model's forward signature (transformers.Trainer reads it to keep the
+        # batch columns the model accepts), as PEFT users expect.
+        self.forward = functools.wraps(model.forward)(functools.partial(PeftModel._forward, self))
 
     # -- attribute passthrough -------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -99,8 +103,10 @@ class PeftModel(nn.Module):
     def active_adapter(self) -> str:
         return self.active_adapters[0] if self.active_adapters else ""
 
-    def forward(self, *args, **kwargs):
+    def _forward(self, *args, **kwargs):
         return self.base_model.model(*args, **kwargs)
+
+    forward = _forward
 
     def generate(self, *args, **kwargs):
         return self.base_model.model.generate(*args, **kwargs)
@@ -129,6 +135,8 @@ class PeftModel(nn.Module):
         if config.task_type == "SEQ_CLS":
             extra = [h for h in _SEQ_CLS_HEADS if h not in (config.modules_to_save or [])]
             config.modules_to_save = list(config.modules_to_save or []) + extra
+            if peft_config.target_modules == "all-linear":  # the head trains whole, not as LoRA
+                config.target_modules = [t for t in config.target_modules if t not in config.modules_to_save]
         try:
             if not self._inject(model, adapter_name, config):
                 raise AdapterConfigError(

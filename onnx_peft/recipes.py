@@ -53,7 +53,7 @@ class StepType:
 
 # -- step builders --------------------------------------------------------------------------------
 def _lora(options: dict[str, Any], state: RecipeState) -> None:
-    from .train import train
+    from .training import train
 
     if state.hf_model is None:
         raise RecipeError("LoRA: the recipe needs an input_model of type HfModel (a transformers folder)")

@@ -8,7 +8,10 @@ OrtValues, so switching adapters copies nothing.
 
 On a model built by the MultiAdapter pass the slots are replaced by banks
 ``A [N, in, r_max]``, ``B [N, r_max, out]`` and an ``adapter_ids [batch]`` input (0 = no
-adapter). The session builds the banks from the loaded adapters (again once per load/unload,
+adapter). Full-weight slots (a ``modules_to_save`` head, ``<module>.weight`` / ``.bias``) become
+banks ``<module>.weight.bank [N, in, out]`` / ``<module>.bias.bank [N, out]`` whose row 0, and the
+row of every adapter without that head, holds the base tensors (read once from the model file).
+The session builds the banks from the loaded adapters (again once per load/unload,
 as immutable snapshots) and ``run(..., adapter=["a", None, "b"])`` feeds one id per row.
 
 Thread safety: ``run`` takes a reference on each adapter it uses; ``unload_adapter`` refuses new
@@ -95,7 +98,7 @@ class BankEntry:
 
     slot: str       # e.g. "model.layers.0.mlp.up_proj.lora_A.weight"
     bank: str       # e.g. "model.layers.0.mlp.up_proj.lora_A.bank"
-    kind: str       # "A": [N, in, r] or "B": [N, r, out]
+    kind: str       # "A": [N, in, r], "B": [N, r, out]; full weights "W": [N, in, out], "b": [N, out]
     module: str
     dims: tuple[int, int]  # (in, out) of the site
     dtype: str
@@ -188,6 +191,7 @@ class AdapterSession:
         self._slot_names = {s.name for s in self.contract.slots}
         self._managed = set() if self.layout is None else {b.bank for b in self.layout.banks}
         self._ids_input = self.layout.ids_input if self.layout is not None else None
+        self._base_rows = self._read_base_rows()
 
         self._lock = threading.Condition()
         self._adapters: dict[str, _Loaded] = {}
@@ -317,14 +321,40 @@ class AdapterSession:
         return Contract(slots=slots)
 
     # -- banks ---------------------------------------------------------------------------------
+    def _read_base_rows(self) -> dict[str, np.ndarray]:
+        """Full-weight banks -> their base row (the bank's default in the model file)."""
+        names = [b.bank for b in self.layout.banks if b.kind in ("W", "b")] if self.layout is not None else []
+        if not names:
+            return {}
+        from .graph.io import load_model
+
+        initializers = load_model(self.model_path).graph.initializers
+        missing = [n for n in names if n not in initializers or initializers[n].const_value is None]
+        if missing:
+            raise ModelFileError(f"{self.model_path}: bank {missing[0]!r} has no default holding the base "
+                                 "weights; rebuild the model with the MultiAdapter pass")
+        return {n: np.array(initializers[n].const_value.numpy()[0]) for n in names}
+
     def _build_banks(self, adapters: Mapping[str, _Loaded]) -> _Banks:
-        """Banks for ``adapters``: row 0 and free rows zeros, each adapter at its own row, ranks
-        padded with zeros. Built from scratch, so runs holding the previous snapshot are safe."""
+        """Banks for ``adapters``: row 0 and free rows zeros (full weights: the base tensors), each
+        adapter at its own row, ranks padded with zeros. Built from scratch, so runs holding the
+        previous snapshot are safe."""
         assert self.layout is not None
         order = list(adapters)
         size = max([a.row for a in adapters.values()], default=0) + 1
         values = {}
+        slots = self.contract.slot_map()
         for entry in self.layout.banks:
+            if entry.kind in ("W", "b"):  # whole weights: base rows, each adapter's head at its row
+                base = self._base_rows[entry.bank]
+                bank = np.repeat(base[None], size, axis=0)
+                for name in order:
+                    tensor = adapters[name].arrays.get(entry.slot)
+                    if tensor is not None:
+                        slot = slots.get(entry.slot)
+                        bank[adapters[name].row] = tensor.T if slot is not None and slot.layout == "out_in" else tensor
+                values[entry.bank] = self._to_device(bank)
+                continue
             r_max = max([adapters[n].ranks.get(entry.module, 0) for n in order], default=0)
             d_in, d_out = entry.dims
             shape = (size, d_in, r_max) if entry.kind == "A" else (size, r_max, d_out)

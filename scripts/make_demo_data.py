@@ -4,7 +4,7 @@ The sentences are written from templates and word lists in this file with a fixe
 the data is reproducible and free of licensing questions; it is synthetic and easy on
 purpose (the demo shows the pipeline, not a research result). Run:
 
-    python scripts/make_demo_data.py   # writes onnx_peft/data/{sentiment,topic}_{train,test}.jsonl
+    python scripts/make_demo_data.py   # writes onnx_peft/demo_data/{sentiment,topic}_{train,test}.jsonl
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import random
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parents[1] / "onnx_peft" / "data"
+OUT = Path(__file__).resolve().parents[1] / "onnx_peft" / "demo_data"
 
 SUBJECTS = ["the movie", "this phone", "the hotel", "our dinner", "the concert", "that book", "the new update",
             "the service", "this laptop", "the trip", "the coffee", "the game", "the course", "the show"]

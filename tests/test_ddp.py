@@ -1,7 +1,7 @@
 """DDP on CPU (gloo, 2 processes via torchrun): ranks end with identical adapters that moved.
 
 One torchrun launch (startup is most of the cost) runs two workloads: a PeftModel wrapped in
-DistributedDataParallel with a plain loop, then ``onnx_peft.train`` (transformers.Trainer),
+DistributedDataParallel with a plain loop, then ``onnx_peft.training`` (transformers.Trainer),
 which picks up the process group unchanged.
 """
 
@@ -69,7 +69,7 @@ TRAINER = """
 out = os.path.join(out, "trainer")
 from test_train import make_tokenizer, sentiment_rows, tiny_bert
 from onnx_peft import LoraConfig, get_peft_model
-from onnx_peft.train import train
+from onnx_peft.training import train
 
 model = get_peft_model(tiny_bert(), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
 result = train(model, sentiment_rows(32, 0), os.path.join(out, "adapter"), tokenizer=make_tokenizer(), quiet=True,

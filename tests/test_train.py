@@ -1,5 +1,5 @@
 """Training: only adapters (and heads) learn, with a torch loop, gradient checkpointing and
-``onnx_peft.train`` (transformers.Trainer); checkpoints resume; data errors are clear."""
+``onnx_peft.training`` (transformers.Trainer); checkpoints resume; data errors are clear."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from onnx_peft import LoraConfig, PeftModel, get_peft_model
 from onnx_peft.cli import main
 from onnx_peft.data import build_label_map, load_text_data
 from onnx_peft.errors import DataError, OnnxPeftError
-from onnx_peft.train import enable_gradient_checkpointing, train
+from onnx_peft.training import enable_gradient_checkpointing, train
 
 POSITIVE = ["good", "great", "fine", "nice"]
 NEGATIVE = ["bad", "awful", "poor", "sad"]
@@ -171,7 +171,7 @@ def test_transformers_trainer_trains_a_peft_model_directly(tmp_path):
     assert any(not torch.equal(start[k], end[k]) for k in start if ".lora_B." in k)
 
 
-# -- onnx_peft.train -----------------------------------------------------------------------
+# -- onnx_peft.training -----------------------------------------------------------------------
 def test_train_classification_learns_and_writes_a_peft_adapter(bert_dir, sentiment, tmp_path):
     train_file, eval_file = sentiment
     result = train(bert_dir, train_file, tmp_path / "adapter", eval_data=eval_file, quiet=True,

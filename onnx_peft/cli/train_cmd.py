@@ -1,4 +1,4 @@
-"""``onnx-peft train MODEL_DIR --data FILE --task ... -o ADAPTER_DIR``: a thin call of ``onnx_peft.train``.
+"""``onnx-peft train MODEL_DIR --data FILE --task ... -o ADAPTER_DIR``: a thin call of ``onnx_peft.training``.
 
 Runs unchanged under DDP: ``torchrun --nproc_per_node N --no-python onnx-peft train ...``.
 """
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import require_torch
 
     require_torch()
-    from ..train import train
+    from ..training import train
 
     result = train(
         args.model_dir, args.data, args.output, method=args.method, task=args.task, text_field=args.text_field,

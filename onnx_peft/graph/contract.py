@@ -10,6 +10,13 @@ Slot layout (MatMul-ready, as ``olive convert-adapters`` writes it)::
 
     <module>.lora_A.weight   A^T        [in, r]      r symbolic ("lora_r")
     <module>.lora_B.weight   (s * B)^T  [r, out]     scale folded in
+
+A ``modules_to_save`` Linear (a classification head trained in full) gets full-weight slots of
+fixed shape whose defaults are the base model's own tensors, so no feed = the base::
+
+    <module>.weight   W in the layout the graph's MatMul/Gemm consumes: layout "in_out" [in, out]
+                      or "out_in" [out, in] (recorded in ``Slot.layout``)
+    <module>.bias     [out]
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -27,6 +34,7 @@ from ..errors import IncompatibleAdapterError
 CONTRACT_KEY = "onnx_peft.contract"
 FINGERPRINT_KEY = "onnx_peft.fingerprint"
 PEFT_PREFIX = "base_model.model."
+FULL_WEIGHT_METHOD = "modules_to_save"
 RANK_DIM = "lora_r"
 CONTRACT_VERSION = 1
 
@@ -54,13 +62,18 @@ def strip_peft_prefix(key: str) -> str:
 
 @dataclass(frozen=True)
 class Slot:
-    """One adapter tensor the model accepts. ``shape`` holds ints and symbolic dim names."""
+    """One adapter tensor the model accepts. ``shape`` holds ints and symbolic dim names.
+
+    ``layout``: how a full-weight (``modules_to_save``) weight slot is oriented, ``"in_out"``
+    or ``"out_in"``; ``""`` for tensors with one orientation (LoRA slots, biases).
+    """
 
     name: str
     dtype: str
     shape: tuple[int | str, ...]
     module: str
     method: str = "lora"
+    layout: str = ""
 
     def fits(self, shape: Iterable[int]) -> bool:
         shape = tuple(shape)
@@ -82,15 +95,25 @@ class Contract:
 
     def to_json(self) -> str:
         data = {"version": self.version, "fingerprint": self.fingerprint,
-                "slots": [{**asdict(s), "shape": list(s.shape)} for s in self.slots]}
+                "slots": [_slot_json(s) for s in self.slots]}
         return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Contract:
         data = json.loads(text)
-        slots = [Slot(**{**s, "shape": tuple(s["shape"])}) for s in data.get("slots", [])]
+        known = {f.name for f in fields(Slot)}  # fields of a newer writer are ignored
+        slots = [Slot(**{**{k: v for k, v in s.items() if k in known}, "shape": tuple(s["shape"])})
+                 for s in data.get("slots", [])]
         return cls(slots=slots, fingerprint=data.get("fingerprint", ""),
                    version=int(data.get("version", CONTRACT_VERSION)))
+
+
+def _slot_json(slot: Slot) -> dict[str, Any]:
+    """A slot as JSON; an empty ``layout`` is left out, so LoRA-only contracts read as before."""
+    data = {**asdict(slot), "shape": list(slot.shape)}
+    if not data["layout"]:
+        del data["layout"]
+    return data
 
 
 def read_contract(metadata_props: Mapping[str, str]) -> Contract | None:

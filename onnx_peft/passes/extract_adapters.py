@@ -34,6 +34,16 @@ apart in the graph (opset >= 13)::
   reverses it; metadata ``onnx_peft.packing`` names the inputs and their slots. The adapter
   file :func:`extract_adapters` writes holds the packed feeds.
 
+Full-weight slots (``full_weight_modules``, a head trained in full as PEFT ``modules_to_save``):
+the Linear's own weight initializer becomes the slot, renamed, so its default is the base
+weight and no feed = the base at the base's cost::
+
+    Gemm(x, <module>.weight, <module>.bias, transB=1)       layout "out_in": W [out, in]
+    Add(MatMul(x, <module>.weight), <module>.bias)          layout "in_out": W [in, out]
+
+A module in ``full_weight_biases`` whose graph shows no bias (the exporter drops an all-zero
+bias) gets a ``<module>.bias`` slot defaulting to zeros, added after the Linear.
+
 ``make_inputs=False``: the slots stay initializers of fixed shape holding the extracted adapter.
 With ``external=True`` (Olive's external-initializer mode) :func:`save_extracted_model` stores
 their data in ``<model>.adapter.data`` next to the model, apart from ``<model>.data``, and
@@ -46,7 +56,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +66,7 @@ from onnx_ir.passes import InPlacePass, PassResult
 
 from ..errors import IncompatibleAdapterError, NoAdapterSitesError, OnnxPeftError
 from ..graph.contract import (
+    FULL_WEIGHT_METHOD,
     Contract,
     Slot,
     check_adapter,
@@ -65,7 +76,7 @@ from ..graph.contract import (
     write_contract,
 )
 from ..graph.io import load_model, save_model, save_model_with_side_data
-from ..graph.modules import find_linear_sites
+from ..graph.modules import LinearSite, constant_array, find_linear_sites
 from ..graph.sites import AdapterBranch, find_adapter_branches, remove_dead
 from ..methods.lora import dora_factor
 
@@ -176,10 +187,15 @@ class ExtractAdapters(InPlacePass):
 
     After the call, ``contract`` holds the slots, ``slot_arrays`` the extracted slot tensors and
     ``tensors`` what the adapter file holds: the slot tensors, or their packed feeds.
+
+    ``full_weight_modules``: module paths of Linears whose weight (and bias) become full-weight
+    slots (see the module docstring); ``full_weight_biases``: those of them that have a bias
+    even where the graph shows none.
     """
 
     def __init__(self, make_inputs: bool = True, pack_inputs: bool = False, optional_inputs: bool = True,
-                 external: bool = False, save_format: str = "onnx_adapter") -> None:
+                 external: bool = False, save_format: str = "onnx_adapter",
+                 full_weight_modules: Sequence[str] = (), full_weight_biases: Sequence[str] = ()) -> None:
         super().__init__()
         if save_format not in SAVE_FORMATS:
             raise OnnxPeftError(f"ExtractAdapters: save_format must be one of {SAVE_FORMATS}, got {save_format!r}")
@@ -187,6 +203,15 @@ class ExtractAdapters(InPlacePass):
             raise OnnxPeftError("ExtractAdapters: choose make_inputs or external, not both")
         if pack_inputs and not make_inputs:
             raise OnnxPeftError("ExtractAdapters: pack_inputs packs graph inputs; use it with make_inputs")
+        if pack_inputs and full_weight_modules:
+            raise OnnxPeftError("ExtractAdapters: pack_inputs cannot pack full-weight slots "
+                                f"({', '.join(full_weight_modules)}); extract without pack_inputs")
+        unknown = sorted(set(full_weight_biases) - set(full_weight_modules))
+        if unknown:
+            raise OnnxPeftError(f"ExtractAdapters: full_weight_biases names {unknown[0]!r}, which is not "
+                                "in full_weight_modules")
+        self.full_weight_modules = list(dict.fromkeys(full_weight_modules))
+        self.full_weight_biases = set(full_weight_biases)
         self.make_inputs = make_inputs
         self.pack_inputs = pack_inputs
         self.optional_inputs = optional_inputs
@@ -205,36 +230,141 @@ class ExtractAdapters(InPlacePass):
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
         branches = {m: b for m, b in find_adapter_branches(model).items() if not b.is_input}
-        if not branches:
+        if not branches and not self.full_weight_modules:
             raise NoAdapterSitesError(
                 "ExtractAdapters: the model has no in-graph adapter branch (Add(MatMul(x, W), "
                 "MatMul(MatMul(x, A), B))); export the PeftModel unmerged, or use `onnx-peft insert`"
             )
         # The fingerprint covers every base Linear (as InsertAdapters does), so a model that got
         # its slots by extraction and one that got them by insertion agree on the same base.
-        base_weights = {m: s.weight_out_in() for m, s in find_linear_sites(model).items()}
+        sites = find_linear_sites(model)
+        base_weights = {m: s.weight_out_in() for m, s in sites.items()}
+        full_sites = self._full_weight_sites(sites, branches)
         self.slot_arrays, slots = {}, []
         for module, branch in branches.items():
             tensors = slot_tensors(branch, branch.base.weight.const_value.dtype.numpy())
             self.slot_arrays.update(tensors)
             slots.extend(self._slot(name, array, module, branch.method) for name, array in tensors.items())
+        for module, site in full_sites.items():
+            for slot, array in self._full_weight_slots(site):
+                self.slot_arrays[slot.name] = array
+                slots.append(slot)
         self.contract = Contract(slots=slots, fingerprint=weight_fingerprint(base_weights))
-        for slot in slots:
-            if slot.name in graph.initializers or any(v.name == slot.name for v in graph.inputs):
+        for slot in slots:  # full-weight slots reuse their own initializer's name (see _expose)
+            if slot.method != FULL_WEIGHT_METHOD and (
+                    slot.name in graph.initializers or any(v.name == slot.name for v in graph.inputs)):
                 raise OnnxPeftError(f"ExtractAdapters: the graph already has a value named {slot.name!r}")
         if self.pack_inputs:
             values = self._packed_values(graph)
             model.metadata_props[PACKING_KEY] = json.dumps(self.packing, sort_keys=True)
             self.tensors = pack_adapter_tensors(self.contract, self.slot_arrays)
         else:
-            values = {s.name: self._slot_value(graph, s, self.slot_arrays[s.name]) for s in slots}
+            values = {s.name: self._slot_value(graph, s, self.slot_arrays[s.name]) for s in slots
+                      if s.method != FULL_WEIGHT_METHOD}
             self.tensors = dict(self.slot_arrays)
         if self.external:
             model.metadata_props[EXTERNAL_KEY] = json.dumps([s.name for s in slots])
         for branch in branches.values():
             self._rebuild(graph, branch, values)
+        for module, site in full_sites.items():
+            self._expose_full_weight(graph, site, self.contract.slot_map())
         write_contract(model.metadata_props, self.contract)
         return PassResult(model, modified=True)
+
+    # -- full-weight slots ----------------------------------------------------------------------
+
+    def _full_weight_sites(self, sites: Mapping[str, LinearSite], branches: Mapping[str, AdapterBranch]
+                           ) -> dict[str, LinearSite]:
+        found = {}
+        for module in self.full_weight_modules:
+            if module in branches:
+                raise OnnxPeftError(f"ExtractAdapters: module {module} has a LoRA branch; it cannot also be a "
+                                    "full-weight (modules_to_save) slot")
+            site = sites.get(module)
+            if site is None or f"{module}#1" in sites:
+                why = "is used more than once (shared weights)" if site is not None else "is not a Linear of the graph"
+                raise NoAdapterSitesError(
+                    f"ExtractAdapters: full-weight module {module!r} {why}; a modules_to_save slot needs one "
+                    f"MatMul/Gemm with a constant weight (Linear modules found: {', '.join(sorted(sites)[:5])}...)")
+            found[module] = site
+        return found
+
+    def _full_weight_slots(self, site: LinearSite) -> list[tuple[Slot, np.ndarray]]:
+        """(slot, current tensor) for the weight, as stored, and the bias of ``site``."""
+        weight = site.weight.const_value.numpy()
+        out = [(Slot(slot_name(site.module, "weight"), weight.dtype.name, tuple(int(d) for d in weight.shape),
+                     site.module, FULL_WEIGHT_METHOD, site.weight_layout), weight)]
+        bias = constant_array(site.bias) if site.bias is not None else None
+        if site.bias is not None and (bias is None or bias.shape != (site.out_features,)):
+            raise OnnxPeftError(f"ExtractAdapters: the bias of full-weight module {site.module} is not a constant "
+                                f"[{site.out_features}] tensor")
+        if bias is None and site.module in self.full_weight_biases:
+            bias = np.zeros(site.out_features, weight.dtype)
+        if bias is not None:
+            bias = np.asarray(bias, weight.dtype)
+            out.append((Slot(slot_name(site.module, "bias"), bias.dtype.name, (site.out_features,), site.module,
+                             FULL_WEIGHT_METHOD), bias))
+        return out
+
+    def _expose_full_weight(self, graph: ir.Graph, site: LinearSite, slots: Mapping[str, Slot]) -> None:
+        """Make the weight (and bias) of ``site`` its slots: renamed in place where only this
+        Linear uses them, copied otherwise; a missing bias is added after the Linear."""
+        weight_name, bias_name = slot_name(site.module, "weight"), slot_name(site.module, "bias")
+        self._expose(graph, *_constant_use(site.node, 1), weight_name)
+        if bias_name not in slots:
+            return
+        if site.bias is not None:
+            consumer = site.node if site.node.op_type == "Gemm" else site.output.producer()
+            index = next(i for i, v in enumerate(consumer.inputs) if v is site.bias)
+            self._expose(graph, *_constant_use(consumer, index), bias_name)
+            return
+        zeros = self.slot_arrays[bias_name]
+        bias = (self._input(graph, bias_name, zeros.shape, zeros) if self.make_inputs
+                else self._slot_value(graph, slots[bias_name], zeros))
+        old = site.output
+        add = ir.node("Add", [old, bias], name=f"{site.module}/bias")
+        graph.insert_after(old.producer(), add)
+        new = add.outputs[0]
+        new.type, new.shape = old.type, old.shape
+        if old.is_graph_output():
+            index = list(graph.outputs).index(old)
+            name, old.name = old.name, f"{site.module}.unbiased"
+            new.name = name
+            graph.outputs[index] = new
+        else:
+            new.name = f"{site.module}.biased"
+        for user, i in list(old.uses()):
+            if user is not add:
+                user.replace_input_with(i, new)
+
+    def _expose(self, graph: ir.Graph, node: ir.Node, index: int, name: str) -> None:
+        """Turn constant ``node.inputs[index]`` into slot ``name`` (an input with it as default, or
+        a named initializer)."""
+        value = node.inputs[index]
+        exclusive = value.is_initializer() and len(value.uses()) == 1 and not value.is_graph_output()
+        clash = graph.initializers.get(name)
+        if clash is not None and not (exclusive and clash is value):
+            if clash.uses() and clash is not value or clash.is_graph_output():
+                raise OnnxPeftError(f"ExtractAdapters: the graph already has a value named {name!r}")
+            if clash is value:  # shared with other nodes: they keep it under another name
+                value.name = f"{name}.shared"
+            else:
+                graph.initializers.pop(name)
+        if exclusive:
+            value.name = name
+        else:
+            old, array = value, constant_array(value)
+            value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                             shape=ir.Shape(array.shape), const_value=ir.tensor(np.array(array), name=name))
+            graph.register_initializer(value)
+            node.replace_input_with(index, value)
+            if old.producer() is not None:
+                remove_dead(graph, [old.producer()])
+        if self.make_inputs:
+            graph.inputs.append(value)
+            if not self.optional_inputs:
+                graph.initializers.pop(name)
+                value.const_value = None
 
     # -- building -------------------------------------------------------------------------------
 
@@ -336,6 +466,20 @@ class ExtractAdapters(InPlacePass):
             graph.outputs[index] = out
         ir.convenience.replace_all_uses_with(old, out)
         remove_dead(graph, [*branch.nodes, *extra])
+
+
+def _constant_use(node: ir.Node, index: int) -> tuple[ir.Node, int]:
+    """Follow ``node.inputs[index]`` up through Identity/Transpose to the (node, index) that
+    reads the constant itself (an initializer or a Constant node's output)."""
+    value = node.inputs[index]
+    while not value.is_initializer():
+        producer = value.producer()
+        if producer is None or producer.op_type == "Constant":
+            break
+        if producer.op_type not in ("Identity", "Transpose"):
+            raise OnnxPeftError(f"ExtractAdapters: {value.name} is computed by {producer.op_type}, not a constant")
+        node, index, value = producer, 0, producer.inputs[0]
+    return node, index
 
 
 def _write_adapter_file(path: Path, tensors: dict[str, np.ndarray], fingerprint: str, save_format: str) -> Path:

@@ -13,6 +13,16 @@ alone with its adapter. The banks are optional inputs defaulting to ``[1, in, 0]
 model runs as the base with ``adapter_ids`` all 0 and nothing else. ``AdapterSession`` builds
 and refreshes the banks from its loaded adapters without re-creating the ORT session.
 
+A full-weight slot (a ``modules_to_save`` head: ``<module>.weight``, ``<module>.bias``) becomes
+banks of whole weights, the Linear computed per row::
+
+    W_row = Gather(<module>.weight.bank [N, in, out], adapter_ids)    -> [batch, in, out]
+    b_row = Gather(<module>.bias.bank [N, out], adapter_ids)          -> [batch, out]
+    y = Reshape(x, [batch, -1, in]) @ W_row + b_row[:, None]  reshaped back to x's lead dims + [out]
+
+Row 0 holds the base weight and bias (the banks' defaults), so id 0 = the base head; the session
+fills rows of adapters without that module with the base tensors too.
+
 The model keeps its adapter-facing contract (the slots adapter files must fit) and records the
 bank layout under ``metadata_props["onnx_peft.multi_adapter"]`` (see ``runtime.MultiLayout``).
 Inputs of another rank than 3 (or of unknown rank) are reshaped to ``[batch, -1, in]`` around the
@@ -28,7 +38,8 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import NoAdapterSitesError, OnnxPeftError
-from ..graph.contract import rank_dim, read_contract
+from ..graph.contract import FULL_WEIGHT_METHOD, Slot, rank_dim, read_contract
+from ..graph.sites import remove_dead
 from ..runtime import MULTI_ADAPTER_KEY, BankEntry, MultiLayout
 
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
@@ -76,7 +87,8 @@ class MultiAdapterPass(ir.passes.InPlacePass):
         if contract is None or not contract.slots:
             raise NoAdapterSitesError("the model has no adapter slots (no onnx-peft contract); run "
                                       "`onnx-peft extract` or `onnx-peft insert` first")
-        other = [s for s in contract.slots if not s.name.endswith((A_SUFFIX, B_SUFFIX))]
+        other = [s for s in contract.slots if not s.name.endswith((A_SUFFIX, B_SUFFIX))
+                 and s.method != FULL_WEIGHT_METHOD]
         if other:
             raise OnnxPeftError(f"slot {other[0].name!r} ({other[0].method}) has no per-row form; "
                                 "MultiAdapter supports LoRA slots (merge DoRA adapters instead)")
@@ -123,9 +135,96 @@ class MultiAdapterPass(ir.passes.InPlacePass):
                 graph.initializers.pop(slot_value.name, None)
                 graph.inputs.append(bank)
                 graph.register_initializer(bank)
+        full: dict[str, dict[str, Slot]] = {}
+        for slot in contract.slots:
+            if slot.method == FULL_WEIGHT_METHOD:
+                full.setdefault(slot.module, {})[slot.name.rsplit(".", 1)[-1]] = slot
+        for module, parts in full.items():
+            self._full_weight_banks(graph, module, parts, inputs, ids, layout)
         graph.inputs.append(ids)
         model.metadata_props[MULTI_ADAPTER_KEY] = layout.to_json()
         return ir.passes.PassResult(model, modified=True)
+
+    def _full_weight_banks(self, graph: ir.Graph, module: str, parts: dict[str, Slot],
+                           inputs: dict[str, ir.Value], ids: ir.Value, layout: MultiLayout) -> None:
+        """Replace the Linear fed by full-weight slots ``parts`` ("weight", "bias") by its per-row form."""
+        w_slot, b_slot = parts.get("weight"), parts.get("bias")
+        values = {k: inputs.get(s.name) for k, s in parts.items()}
+        if w_slot is None or any(v is None or v.const_value is None for v in values.values()):
+            raise OnnxPeftError(f"full-weight slots of {module} must be graph inputs with their base tensors as "
+                                "defaults (extract with make_inputs and optional_inputs)")
+        linear, index, chain = _consumer(values["weight"], ("MatMul", "Gemm"))
+        if linear is None or index != 1:
+            raise NoAdapterSitesError(f"slot {w_slot.name} does not feed a MatMul/Gemm as its weight")
+        base = values["weight"].const_value.numpy()
+        base = base.T if w_slot.layout == "out_in" else base  # banks are MatMul-ready [in, out]
+        d_in, d_out = (int(d) for d in base.shape)
+        dtype = values["weight"].dtype
+        x, old, extra = linear.inputs[0], linear.outputs[0], None
+        bias_node = None
+        if linear.op_type == "Gemm" and len(linear.inputs) > 2 and linear.inputs[2] is not None:
+            if linear.inputs[2] is not values.get("bias"):
+                extra = linear.inputs[2]  # a constant bias that is not a slot stays as it is
+        elif b_slot is not None:
+            bias_node, _, _ = _consumer(old, ("Add",))
+            if bias_node is None or values["bias"] not in bias_node.inputs:
+                raise NoAdapterSitesError(f"slot {b_slot.name} is not added right after {w_slot.name}'s MatMul")
+            old = bias_node.outputs[0]
+        banks = {}
+        for kind, slot, row in (("W", w_slot, base), ("b", b_slot, None)):
+            if slot is None:
+                continue
+            if row is None:
+                row = values["bias"].const_value.numpy().reshape(-1)
+            bank_name = f"{slot.name}.bank"
+            shape = [BANK_ROWS, *row.shape]
+            bank = ir.Value(name=bank_name, type=ir.TensorType(dtype), shape=ir.Shape(shape),
+                            const_value=ir.tensor(np.ascontiguousarray(row[None]), name=bank_name))
+            banks[kind] = bank
+            layout.banks.append(BankEntry(slot.name, bank_name, kind, module, (d_in, d_out), row.dtype.name))
+        prefix = f"{module}/multi_adapter"
+        nodes: list[ir.Node] = []
+
+        def add(op: str, args: list[ir.Value], name: str, **attrs: int) -> ir.Value:
+            node = ir.node(op, args, attrs, name=f"{prefix}/{name}")
+            node.outputs[0].name = f"{prefix}/{name}"
+            nodes.append(node)
+            return node.outputs[0]
+
+        flat = add("Reshape", [x, _const(graph, f"multi_adapter/shape_0_-1_{d_in}", [0, -1, d_in])], "Reshape_in")
+        rows = add("Gather", [banks["W"], ids], "weight_rows", axis=0)
+        y = add("MatMul", [flat, rows], "MatMul")
+        if "b" in banks:
+            bias_rows = add("Gather", [banks["b"], ids], "bias_rows", axis=0)
+            bias3 = add("Reshape", [bias_rows, _const(graph, f"multi_adapter/shape_0_1_{d_out}", [0, 1, d_out])],
+                        "bias_rows3")
+            y = add("Add", [y, bias3], "Add")
+        if extra is not None:
+            y = add("Add", [y, extra], "Add_constant")
+        shape = add("Shape", [x], "Shape")
+        lead = add("Slice", [shape, _const(graph, "multi_adapter/zero", [0]),
+                             _const(graph, "multi_adapter/minus_one", [-1])], "Slice")
+        target = add("Concat", [lead, _const(graph, f"multi_adapter/dim_{d_out}", [d_out])], "Concat", axis=0)
+        out = add("Reshape", [y, target], "Reshape_out")
+        out.type, out.shape = old.type, old.shape
+        graph.insert_after(old.producer(), nodes)
+        if old.is_graph_output():
+            index = list(graph.outputs).index(old)
+            name, old.name = old.name, f"{prefix}/replaced"
+            out.name = name
+            graph.outputs[index] = out
+        old.replace_all_uses_with(out)
+        remove_dead(graph, [n for n in (bias_node, linear) if n is not None] + chain)
+        for kind, slot in (("W", w_slot), ("b", b_slot)):
+            if slot is None:
+                continue
+            value = values["weight" if kind == "W" else "bias"]
+            if value.uses():
+                raise OnnxPeftError(f"slot {slot.name} has uses besides its Linear")
+            graph.inputs.remove(value)
+            graph.initializers.pop(value.name, None)
+            graph.inputs.append(banks[kind])
+            graph.register_initializer(banks[kind])
 
     def _rewire(self, graph: ir.Graph, a_node: ir.Node, b_node: ir.Node, ids: ir.Value,
                 banks: dict[str, ir.Value], module: str, d_in: int) -> None:
@@ -157,6 +256,23 @@ class MultiAdapterPass(ir.passes.InPlacePass):
             graph.insert_after(b_node, [target, back])
         a_node.replace_input_with(1, gathered["A"])
         b_node.replace_input_with(1, gathered["B"])
+
+
+def _consumer(value: ir.Value, ops: tuple[str, ...]) -> tuple[ir.Node | None, int, list[ir.Node]]:
+    """The (node, input index) of type ``ops`` that ``value`` alone feeds, through Identity/Transpose
+    (those nodes listed third)."""
+    chain: list[ir.Node] = []
+    while True:
+        uses = list(value.uses())
+        if len(uses) != 1:
+            return None, -1, chain
+        node, index = uses[0]
+        if node.op_type in ops:
+            return node, index, chain
+        if node.op_type not in ("Identity", "Transpose"):
+            return None, -1, chain
+        chain.append(node)
+        value = node.outputs[0]
 
 
 def multi_adapter(model_path: str | os.PathLike, output_dir: str | os.PathLike,

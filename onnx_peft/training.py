@@ -268,6 +268,10 @@ def _training_arguments(output_dir: Path, user: dict[str, Any], quiet: bool, has
     )
     if not torch.cuda.is_available():
         args.setdefault("dataloader_pin_memory", False)
+        if args.get("fp16"):
+            raise OnnxPeftError("training_args: fp16 needs a CUDA GPU; on CPU use bf16")
+        if args.get("bf16"):
+            args.setdefault("use_cpu", True)  # bf16 autocast on CPU
     if task == "causal-lm":
         args.setdefault("prediction_loss_only", True)  # no [batch, seq, vocab] logits piling up in eval
     try:
