@@ -202,19 +202,28 @@ def test_a_base_with_other_num_labels_is_loaded_with_the_adapters_head_size(serv
 
 _GRAPH = """
 <ir_version: 8, opset_import: ["" : 18]>
-g (float[batch, seq, 4] x) => (float[batch, seq, 3] y) <float[4, 3] head.weight = {1,2,3,4,5,6,7,8,9,10,11,12},
-                                                        float[3] head.bias = {0.5, -1, 2}> {
-    h = MatMul (x, head.weight)
-    y = Add (h, head.bias)
+g (float[batch, seq, 4] x) => (float[batch, seq, 3] y) <float[4, 3] W = {1,2,3,4,5,6,7,8,9,10,11,12},
+                                                        float[3] B = {0.5, -1, 2}> {
+    h = MatMul (x, W)
+    y = Add (h, B)
 }
 """
 
 _NO_BIAS = """
 <ir_version: 8, opset_import: ["" : 18]>
-g (float[batch, 4] x) => (float[batch, 3] y) <float[3, 4] head.weight = {1,2,3,4,5,6,7,8,9,10,11,12}> {
-    y = Gemm <transB: int = 1> (x, head.weight)
+g (float[batch, 4] x) => (float[batch, 3] y) <float[3, 4] W = {1,2,3,4,5,6,7,8,9,10,11,12}> {
+    y = Gemm <transB: int = 1> (x, W)
 }
 """
+
+
+def _parse(text: str):
+    """The graph of ``text`` with its initializers named as a torch module's (the parser takes no dots)."""
+    model = ir.from_onnx_text(text)
+    for short, name in (("W", "head.weight"), ("B", "head.bias")):
+        if short in model.graph.initializers:
+            model.graph.initializers[short].name = name
+    return model
 
 
 def _save(model, path):
@@ -226,7 +235,7 @@ def _save(model, path):
 def test_extract_makes_matmul_add_weights_slots_with_base_defaults(tmp_path):
     import onnxruntime as ort
 
-    model = ir.from_onnx_text(_GRAPH)
+    model = _parse(_GRAPH)
     result = ExtractAdapters(full_weight_modules=["head"])(model)
     assert result.modified
     contract = read_contract(model.metadata_props)
@@ -252,7 +261,7 @@ def test_extract_makes_matmul_add_weights_slots_with_base_defaults(tmp_path):
 
 
 def test_a_bias_the_exporter_dropped_gets_a_zero_default_slot(tmp_path):
-    model = ir.from_onnx_text(_NO_BIAS)
+    model = _parse(_NO_BIAS)
     ExtractAdapters(full_weight_modules=["head"], full_weight_biases=["head"])(model)
     slots = read_contract(model.metadata_props).slot_map()
     assert slots["head.weight"].layout == "out_in" and slots["head.bias"].shape == (3,)

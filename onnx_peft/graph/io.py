@@ -149,6 +149,14 @@ def _refuse_overwriting_inputs(model: ir.Model, path: Path, data_name: str) -> N
                 )
 
 
+def _make_output_folder(path: Path) -> None:
+    """Create the output's folder (as ``mkdir -p``), or say why it cannot be."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot create the output folder {path.parent} ({exc.strerror or exc})") from exc
+
+
 def save_model(model: ir.Model, path: str | os.PathLike,
                external_data: bool | Literal["auto"] = "auto") -> Path:
     """Write ``model`` to ``path`` (and ``<name>.data`` next to it) atomically.
@@ -161,8 +169,7 @@ def save_model(model: ir.Model, path: str | os.PathLike,
     path = Path(path)
     data_name = path.name + ".data"
     _refuse_overwriting_inputs(model, path, data_name)
-    if not path.parent.is_dir():
-        raise ModelFileError(f"{path}: output folder {path.parent} does not exist; create it first")
+    _make_output_folder(path)
     total = _total_bytes(model)
     if external_data == "auto":
         has_external = any(isinstance(t, ir.ExternalTensor) for t in iter_tensors(model))
@@ -213,8 +220,7 @@ def save_model_with_side_data(model: ir.Model, path: str | os.PathLike, side_nam
         )
     _refuse_overwriting_inputs(model, path, data_name)
     _refuse_overwriting_inputs(model, path, side_data_name)
-    if not path.parent.is_dir():
-        raise ModelFileError(f"{path}: output folder {path.parent} does not exist; create it first")
+    _make_output_folder(path)
     side_names = set(side_names)
     side, rest, small = [], [], []
     for graph in model.graphs():
