@@ -54,8 +54,14 @@ def tiny_bert_dir(path: Path, num_labels: int = 2) -> Path:
     return path
 
 
-def random_lora_dir(base_dir: Path, path: Path, seed: int, r: int) -> Path:
-    """A LoRA on query/value/dense with random A and B (so it changes the outputs), PEFT format."""
+def random_lora_dir(base_dir: Path, path: Path, seed: int, r: int, head: bool = True) -> Path:
+    """A LoRA with random A and B (so it changes the outputs) on every encoder Linear, PEFT format.
+
+    ``pooler.dense`` is not targeted: a LoRA there exports as Gemm(Gemm(x, A), B) on 2-D input,
+    which extract_adapters does not find yet (mode="inputs" fails; the `make demo` adapters,
+    trained on "dense", include it). ``head``: train the classifier in full too (task_type
+    SEQ_CLS puts it in modules_to_save), as ``onnx_peft.train`` and the demo do.
+    """
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -63,21 +69,21 @@ def random_lora_dir(base_dir: Path, path: Path, seed: int, r: int) -> Path:
 
     base = AutoModelForSequenceClassification.from_pretrained(base_dir)
     torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["query", "value", "dense"], task_type="SEQ_CLS",
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["query", "value", "output.dense", "intermediate.dense"], task_type="SEQ_CLS" if head else None,
                         init_lora_weights=False)
     get_peft_model(base, config).save_pretrained(path)
     return path
 
 
-def base_and_adapters(work: Path, from_demo: str | None = None) -> tuple[Path, dict[str, Path]]:
+def base_and_adapters(work: Path, from_demo: str | None = None, head: bool = True) -> tuple[Path, dict[str, Path]]:
     """(base model folder, {name: PEFT adapter folder}): the ``make demo`` ones, or tiny ones."""
     if from_demo:
         from onnx_peft.demo import minilm_dir
 
         return minilm_dir(), {t: Path(from_demo) / "adapters_peft" / t for t in ("sentiment", "topic")}
     base = tiny_bert_dir(work / "tiny-bert")
-    return base, {"a": random_lora_dir(base, work / "adapters" / "a", seed=1, r=4),
-                  "b": random_lora_dir(base, work / "adapters" / "b", seed=2, r=8)}
+    return base, {"a": random_lora_dir(base, work / "adapters" / "a", seed=1, r=4, head=head),
+                  "b": random_lora_dir(base, work / "adapters" / "b", seed=2, r=8, head=head)}
 
 
 def encode(base_dir: Path, texts: list[str] = TEXTS) -> dict[str, np.ndarray]:

@@ -116,8 +116,12 @@ def task_for_architecture(architecture: str) -> str | None:
     return None
 
 
-def resolve_task(task: str, architecture: str, source: str = "model") -> str:
-    """Check ``task`` against the model's architecture; ``auto`` picks one like Optimum does."""
+def resolve_task(task: str, architecture: str, source: str = "model", from_folder: bool = False) -> str:
+    """Check ``task`` against the model's architecture; ``auto`` picks one like Optimum does.
+
+    A folder holding a bare encoder (``BertModel``) can still be loaded for
+    sequence-classification: the head comes new, or from the adapters' modules_to_save.
+    """
     if task not in TASKS:
         raise OnnxPeftError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     natural = task_for_architecture(architecture)
@@ -130,7 +134,8 @@ def resolve_task(task: str, architecture: str, source: str = "model") -> str:
         return natural
     if task.startswith("causal-lm") and natural != "causal-lm-with-past":
         raise OnnxPeftError(f"{source}: task {task!r} needs a causal LM head, but the model is {architecture}")
-    if task == "sequence-classification" and natural != "sequence-classification":
+    head_can_be_added = from_folder and natural == "feature-extraction"
+    if task == "sequence-classification" and natural != "sequence-classification" and not head_can_be_added:
         raise OnnxPeftError(
             f"{source}: task 'sequence-classification' needs a *ForSequenceClassification model, "
             f"but the model is {architecture}"
@@ -180,7 +185,7 @@ def load_model_dir(model_dir: str | os.PathLike, task: str = "auto",
     except Exception as exc:
         raise ModelFileError(f"{path}/config.json: cannot be read by transformers ({exc})") from exc
     archs = getattr(config, "architectures", None) or [""]
-    task = resolve_task(task, archs[0], source=str(path))
+    task = resolve_task(task, archs[0], source=str(path), from_folder=True)
     cls = _auto_class(task, archs[0])
     extra: dict[str, Any] = {}
     if task == "sequence-classification" and num_labels and num_labels != getattr(config, "num_labels", None):
@@ -339,27 +344,96 @@ def full_weight_modules(model: Any, adapters: Mapping[str, Path]) -> tuple[list[
     """
     from .config import AdapterConfig
 
-    torch = require_torch()
     modules: dict[str, bool] = {}
     for name, path in adapters.items():
         config = AdapterConfig.from_pretrained(path)
         wanted = _modules_to_save(config)
         for key, module in model.named_modules():
-            if not key or not any(key == w or key.endswith(f".{w}") for w in wanted):
-                continue
-            linears = {f"{key}.{sub}" if sub else key: m for sub, m in module.named_modules()
-                       if type(m) is torch.nn.Linear}
-            owned = {id(p) for m in linears.values() for p in m.parameters()}
-            stray = [n for n, p in module.named_parameters() if id(p) not in owned]
-            if not linears or stray:
-                raise AdapterConfigError(
-                    f"{path}: modules_to_save module {key!r} ({type(module).__name__}) is not a Linear"
-                    f"{f' (parameter {stray[0]!r})' if stray else ''}; only Linear heads can be served as "
-                    "swappable slots. Export this adapter with mode='merged' or 'in-graph'"
-                )
-            for linear_path, linear in linears.items():
-                modules[linear_path] = linear.bias is not None
+            if key and any(key == w or key.endswith(f".{w}") for w in wanted):
+                for linear_path, linear in _linear_parts(key, module, str(path)).items():
+                    modules[linear_path] = linear.bias is not None
     return list(modules), [m for m, has_bias in modules.items() if has_bias]
+
+
+def _linear_parts(key: str, module: Any, source: str) -> dict[str, Any]:
+    """``{path: Linear}`` of a modules_to_save module made of Linears only, else AdapterConfigError."""
+    torch = require_torch()
+    linears = {f"{key}.{sub}" if sub else key: m for sub, m in module.named_modules() if type(m) is torch.nn.Linear}
+    owned = {id(p) for m in linears.values() for p in m.parameters()}
+    stray = [n for n, p in module.named_parameters() if id(p) not in owned]
+    if not linears or stray:
+        raise AdapterConfigError(
+            f"{source}: modules_to_save module {key!r} ({type(module).__name__}) is not a Linear"
+            f"{f' (parameter {stray[0]!r})' if stray else ''}; only Linear heads can be served as "
+            "swappable slots. Export this adapter with mode='merged' or 'in-graph'"
+        )
+    return linears
+
+
+def saved_heads(model: Any) -> dict[str, tuple[Any, Any]]:
+    """``{path: (wrapper, trained copy)}`` of the modules_to_save wrappers in a PEFT model
+    (ours or Hugging Face's, recognised by ``original_module``/``modules_to_save``) with an
+    active trained copy."""
+    heads = {}
+    for path, module in model.named_modules():
+        if not (hasattr(module, "original_module") and hasattr(module, "modules_to_save")):
+            continue
+        active = getattr(module, "active_adapter", None)
+        if isinstance(active, (list, tuple)):
+            active = active[0] if active else None
+        if active is None or active not in module.modules_to_save or getattr(module, "disable_adapters", False):
+            continue
+        heads[path] = (module, module.modules_to_save[active])
+    return heads
+
+
+def _head_slots(heads: Mapping[str, tuple[Any, Any]]) -> tuple[list[str], list[str]]:
+    """full_weight_modules / full_weight_biases for the heads of :func:`saved_heads`."""
+    modules: dict[str, bool] = {}
+    for path, (wrapper, _) in heads.items():
+        for linear_path, linear in _linear_parts(path, wrapper.original_module, "model").items():
+            modules[linear_path] = linear.bias is not None
+    return list(modules), [m for m, has_bias in modules.items() if has_bias]
+
+
+@contextlib.contextmanager
+def _base_heads(model: Any, heads: Mapping[str, tuple[Any, Any]]) -> Iterator[None]:
+    """Trace each wrapped head's base module in place of its wrapper (restored afterwards), so
+    the graph holds the base head under the head's own path (``classifier``)."""
+    swapped = []
+    try:
+        for path, (wrapper, _) in heads.items():
+            parent_path, _, name = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            parent._modules[name] = wrapper.original_module
+            swapped.append((parent, name, wrapper))
+        yield
+    finally:
+        for parent, name, wrapper in swapped:
+            parent._modules[name] = wrapper
+
+
+def _write_trained_heads(adapter_file: Path, model_path: Path, heads: Mapping[str, tuple[Any, Any]]) -> None:
+    """Put the trained heads into the extracted adapter file (which holds the base heads)."""
+    import numpy as np
+
+    from .formats import load_adapter_file, save_adapter_file
+    from .graph.contract import read_contract
+    from .graph.io import load_model
+
+    slots = read_contract(load_model(model_path).metadata_props).slot_map()
+    tensors, fingerprint = load_adapter_file(adapter_file)
+    for path, (_, trained) in heads.items():
+        for linear_path, linear in _linear_parts(path, trained, "model").items():
+            for part in ("weight", "bias"):
+                slot = slots.get(f"{linear_path}.{part}")
+                tensor = getattr(linear, part)
+                if slot is None or tensor is None:
+                    continue
+                array = tensor.detach().float().cpu().numpy()
+                array = array.T if slot.layout == "in_out" else array
+                tensors[slot.name] = np.ascontiguousarray(array).astype(slot.dtype)
+    save_adapter_file(adapter_file, tensors, fingerprint)
 
 
 def adapter_num_labels(adapters: Mapping[str, Path]) -> int | None:
@@ -889,6 +963,9 @@ def export(model_or_dir: Any, output_dir: str | os.PathLike, adapters: AdapterSp
     module, peft, task, source = _prepare(model_or_dir, task, mode, dtype, named)
     # heads the adapters train in full become full-weight slots (default: the base head)
     full_weights = full_weight_modules(module, named) if named and mode in ("inputs", "external") else ([], [])
+    heads = saved_heads(module) if not named and mode in ("inputs", "external") else {}
+    if heads:  # a PeftModel's own trained heads: base head in the graph, trained one in its file
+        full_weights = _head_slots(heads)
     training = {m: m.training for m in module.modules()}  # restored afterwards, layer by layer
     module.eval()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -899,11 +976,14 @@ def export(model_or_dir: Any, output_dir: str | os.PathLike, adapters: AdapterSp
             external_data = weight_bytes(module) > EXTERNAL_DATA_BYTES
         next(bar, None)
         model_path = tmp / MODEL_FILE
-        exporter = run_exporter(module, spec, model_path, opset, external_data)
+        with _base_heads(module, heads):
+            exporter = run_exporter(module, spec, model_path, opset, external_data)
         written: dict[str, str] = {}
         if mode in ("inputs", "external"):
             next(bar, None)
             extracted = _extract(model_path, mode, full_weights)
+            if heads:
+                _write_trained_heads(extracted, model_path, heads)
             next(bar, None)
             if named:  # the graph held placeholder weights; convert the real adapters
                 written = _convert(named, model_path)

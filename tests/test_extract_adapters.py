@@ -253,3 +253,25 @@ def test_cli_extract(tmp_path):
     onnx.checker.check_model(str(tmp_path / "e" / "model.onnx"))
     assert max_diff(run_onnx(tmp_path / "e" / "model.onnx", c.feeds), c.adapted) <= TOL
     assert main(["--quiet", "extract", str(c.path), "-o", str(tmp_path / "x"), "--external", "--pack-inputs"]) == 1
+
+
+def test_lora_on_2d_linear_exported_as_gemm_is_extracted(tmp_path):
+    """torch.onnx dynamo exports Linear on a 2-D input as Gemm(transB=1), LoRA's A and B too."""
+    import peft
+    import torch
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.Tanh(), torch.nn.Linear(12, 8)).eval()
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"],
+                                                      init_lora_weights=False)).eval()
+    x = torch.randn(3, 16)
+    torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), dynamo=True, input_names=["x"])
+    with torch.no_grad():
+        adapted = model(x).numpy()
+        with model.disable_adapter():
+            plain = model(x).numpy()
+    out_model, adapter_file = extract_adapters(tmp_path / "m.onnx", tmp_path / "out")
+    tensors, _ = load_adapter_file(adapter_file)
+    feeds = {"x": x.numpy()}
+    assert max_diff(run_onnx(out_model, feeds), plain) <= TOL
+    assert max_diff(run_onnx(out_model, {**feeds, **tensors}), adapted) <= TOL

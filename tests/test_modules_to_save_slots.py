@@ -164,6 +164,51 @@ def test_an_adapter_from_hugging_face_peft_serves_its_head(served, tmp_path):
     assert np.abs(got - _torch_logits(model, feeds)).max() <= ATOL
 
 
+def test_exporting_a_peft_model_keeps_the_base_head_in_the_graph_and_its_own_in_the_file(served, tmp_path):
+    _, _, models = served
+    model = models["b"]
+    wrapper = model.base_model.model.classifier
+    path = export(model, tmp_path / "out", task="sequence-classification", mode="inputs", quiet=True)
+    assert model.base_model.model.classifier is wrapper  # the model passed in is left as it was
+    session = AdapterSession(path, providers=["CPUExecutionProvider"])
+    session.load_adapter("b", path.parent / "adapters" / "default.onnx_adapter")
+    feeds = _feeds(seed=9)
+    (got,) = session.run(["logits"], feeds, adapter="b")
+    assert np.abs(got - _torch_logits(model, feeds)).max() <= ATOL
+    (base,) = session.run(["logits"], feeds)
+    assert np.abs(base - _torch_logits(_base(), feeds)).max() <= ATOL
+
+
+def test_llama_score_head_without_bias_on_a_rank_3_input(tmp_path):
+    """LlamaForSequenceClassification: ``score`` (no bias) runs on [batch, seq, hidden] as a MatMul
+    with a pre-transposed weight, so its slot is in_out; per-row banks handle the rank-3 input."""
+    def llama():
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                          max_position_embeddings=64, num_labels=3, pad_token_id=0)
+        return transformers.LlamaForSequenceClassification(config).eval()
+
+    llama().save_pretrained(tmp_path / "base")
+    torch.manual_seed(5)
+    model = get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                               init_lora_weights=False, task_type="SEQ_CLS")).eval()
+    with torch.no_grad():
+        model.base_model.model.score.modules_to_save["default"].weight.normal_(0, 0.5)
+    model.save_pretrained(tmp_path / "s")
+    path = export(tmp_path / "base", tmp_path / "out", adapters={"s": tmp_path / "s"},
+                  task="sequence-classification", mode="inputs", quiet=True)
+    slots = read_contract(ir.load(path).metadata_props).slot_map()
+    assert "score.weight" in slots and "score.bias" not in slots
+    multi = AdapterSession(multi_adapter(path, tmp_path / "multi"), providers=["CPUExecutionProvider"])
+    multi.load_adapter("s", tmp_path / "s")
+    feeds = {k: v for k, v in _feeds(batch=2, seed=10).items() if k != "token_type_ids"}
+    feeds["attention_mask"][:] = 1
+    (mixed,) = multi.run(["logits"], feeds, adapter=["s", None])
+    assert np.abs(mixed[:1] - _torch_logits(model, {k: v[:1] for k, v in feeds.items()})).max() <= ATOL
+    assert np.abs(mixed[1:] - _torch_logits(llama(), {k: v[1:] for k, v in feeds.items()})).max() <= ATOL
+
+
 def test_non_linear_modules_to_save_are_refused_naming_the_module(tmp_path):
     _base().save_pretrained(tmp_path / "base")
     config = LoraConfig(r=2, lora_alpha=4, target_modules=["query"], init_lora_weights=False,

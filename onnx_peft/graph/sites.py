@@ -139,20 +139,39 @@ def _matrix(value: ir.Value, as_first: str, as_second: str) -> tuple[ir.Value, s
     return weight, as_second if transposed else as_first
 
 
+def _product_weight(node: ir.Node | None, as_first: str, as_second: str) -> tuple[ir.Value, str] | None:
+    """The weight of ``x @ W`` computed by a MatMul, or by a bias-free Gemm (2-D inputs export
+    Linear layers as ``Gemm(x, W, transB=1)``), with its layout; None for anything else."""
+    if node is None:
+        return None
+    if node.op_type == "MatMul":
+        return _matrix(node.inputs[1], as_first, as_second)
+    if node.op_type != "Gemm" or (len(node.inputs) > 2 and node.inputs[2] is not None):
+        return None
+    attrs = {name: attr.value for name, attr in node.attributes.items()}
+    if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+        return None
+    found = _matrix(node.inputs[1], as_first, as_second)
+    if found is None or not attrs.get("transB", 0):
+        return found
+    weight, layout = found
+    return weight, as_second if layout == as_first else as_first
+
+
 def _lora_chain(value: ir.Value, x: ir.Value) -> tuple | None:
-    """Match ``[Mul] MatMul([Mul] MatMul([Mul] x, A), B)`` ending at ``value``."""
+    """Match ``[Mul] MatMul([Mul] MatMul([Mul] x, A), B)`` (or bias-free Gemms) ending at ``value``."""
     top, s1, nodes = _walk_up(value)
     b_node = top.producer()
-    if b_node is None or b_node.op_type != "MatMul":
+    b = _product_weight(b_node, "r_out", "out_r")
+    if b is None:
         return None
-    b = _matrix(b_node.inputs[1], "r_out", "out_r")
     mid, s2, more = _walk_up(b_node.inputs[0])
     a_node = mid.producer()
-    if b is None or a_node is None or a_node.op_type != "MatMul":
+    a = _product_weight(a_node, "in_r", "r_in")
+    if a is None:
         return None
-    a = _matrix(a_node.inputs[1], "in_r", "r_in")
     start, s3, first = _walk_up(a_node.inputs[0])
-    if a is None or skip_pass_through(start) is not skip_pass_through(x):
+    if skip_pass_through(start) is not skip_pass_through(x):
         return None
     return a, b, s1 * s2 * s3, [*nodes, b_node, *more, a_node, *first]
 
