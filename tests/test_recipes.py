@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from helpers_onnx import TOL, case, file_hashes, max_diff, run_onnx
+
 from onnx_peft.cli import main
 from onnx_peft.errors import RecipeError
 from onnx_peft.formats import load_adapter_file

@@ -6,15 +6,21 @@ from pathlib import Path
 
 from ..errors import OnnxPeftError
 
+_FILE_SUFFIXES = (".onnx_adapter", ".safetensors", ".npz")
+
 
 def parse_named_paths(values: list[str]) -> dict[str, str]:
-    """``["a=dir1", "dir2"]`` -> ``{"a": "dir1", "dir2": "dir2"}``; a name without ``NAME=`` is
-    the folder or file stem. Two entries with one name are refused."""
+    """``["a=dir1", "x/dir2", "f.onnx_adapter"]`` -> ``{"a": "dir1", "dir2": "x/dir2", "f": ...}``.
+
+    Without ``NAME=`` the name is the folder name (or the adapter file's stem); a ``=`` inside
+    a path is not taken for a name. Two entries with one name are refused."""
     named: dict[str, str] = {}
     for value in values:
         name, sep, path = value.partition("=")
-        if not sep:
-            path, name = value, Path(value.rstrip("/")).stem
+        if not sep or "/" in name or "\\" in name:
+            path = value
+            plain = Path(value.rstrip("/\\"))
+            name = plain.stem if plain.suffix in _FILE_SUFFIXES else plain.name
         if not name or not path:
             raise OnnxPeftError(f"--adapter {value!r}: expected [NAME=]PATH")
         if name in named:

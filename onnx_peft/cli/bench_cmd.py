@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from ..errors import RuntimeSessionError
+from .args import parse_named_paths
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,10 +33,7 @@ def run(args: argparse.Namespace) -> int:
         raise RuntimeSessionError("--runs, --batch and --seq must be >= 1")
     session = AdapterSession(args.model)
     variants: dict[str, object] = {"base": None}
-    for spec in args.adapter:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise RuntimeSessionError(f"--adapter takes NAME=FILE, got {spec!r}")
+    for name, path in parse_named_paths(args.adapter).items():
         session.load_adapter(name, path)
         variants[name] = name
     if session.is_multi_adapter and len(variants) > 1:

@@ -5,9 +5,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from ..errors import AdapterConfigError
+from .args import parse_named_paths
 
 _TASKS = ("auto", "causal-lm", "causal-lm-with-past", "feature-extraction", "sequence-classification")
 _MODES = ("merged", "in-graph", "inputs", "external")
@@ -27,23 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
 
 
-def parse_adapters(values: list[str]) -> dict[str, str]:
-    """``["a=dir1", "dir2"]`` -> ``{"a": "dir1", "dir2": "dir2"}`` (name = folder name)."""
-    adapters: dict[str, str] = {}
-    for value in values:
-        name, sep, directory = value.partition("=")
-        if not sep:
-            name, directory = Path(value.rstrip("/\\")).name, value
-        if name in adapters:
-            raise AdapterConfigError(f"--adapter {value}: adapter name {name!r} is used twice; write NAME=DIR")
-        adapters[name] = directory
-    return adapters
-
-
 def run(args: argparse.Namespace) -> int:
     from ..export import export
 
-    path = export(args.model_dir, args.output, adapters=parse_adapters(args.adapter) or None,
+    path = export(args.model_dir, args.output, adapters=parse_named_paths(args.adapter) or None,
                   task=args.task, mode=args.mode, dtype=args.dtype, opset=args.opset,
                   quiet=bool(getattr(args, "quiet", False)))
     if not getattr(args, "quiet", False):

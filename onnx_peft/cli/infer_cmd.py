@@ -12,6 +12,7 @@ import argparse
 import numpy as np
 
 from ..errors import MissingDependencyError, RuntimeSessionError
+from .args import parse_named_paths
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,10 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     session = AdapterSession(args.model)
     names = []
-    for spec in args.adapter:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise RuntimeSessionError(f"--adapter takes NAME=FILE, got {spec!r}")
+    for name, path in parse_named_paths(args.adapter).items():
         session.load_adapter(name, path)
         names.append(name)
     tokenizer = _tokenizer(args.tokenizer) if args.text else None

@@ -5,13 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
-def parse_adapter_spec(spec: str) -> tuple[str, str]:
-    """``"name=path/dir"`` -> ("name", "path/dir"); ``"path/dir"`` -> ("dir", "path/dir")."""
-    name, sep, path = spec.partition("=")
-    if sep and name and "/" not in name and "\\" not in name:
-        return name, path
-    return Path(spec.rstrip("/\\")).name, spec
+from .args import parse_named_paths
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..passes.insert_adapters import insert_adapters
 
-    adapters = dict(parse_adapter_spec(spec) for spec in args.adapter)
+    adapters = parse_named_paths(args.adapter)
     mode = "in-graph" if args.in_graph else "slots"
     path = insert_adapters(args.base_model, adapters, args.output, mode=mode, allow_pickle=args.allow_pickle)
     print(f"wrote {path}" + ("" if args.in_graph else f" and {len(adapters)} adapter file(s) in "
