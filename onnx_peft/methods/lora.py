@@ -19,6 +19,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..config import AdapterConfig, register_config
 from ..errors import AdapterConfigError
 from ..targets import pattern_value
@@ -105,6 +107,8 @@ def lora_delta_weight(lora_A: Any, lora_B: Any, scaling: float, base_shape: tupl
     weight ``[in, out]``) returns the transpose.
     """
     out_features, rank = lora_B.shape[0], lora_B.shape[1]
+    if isinstance(lora_A, np.ndarray) and lora_A.dtype.itemsize < 4:  # numpy fp16 matmul is ~20x slower
+        lora_A, lora_B = lora_A.astype(np.float32), lora_B.astype(np.float32)
     delta = _reshape(lora_B, out_features, rank) @ _reshape(lora_A, rank, -1)
     if base_shape is not None and len(base_shape) > 2:
         delta = _reshape(delta, *base_shape)

@@ -25,7 +25,7 @@ from onnx_ir.passes import InPlacePass, PassResult
 from ..errors import IncompatibleAdapterError, NoAdapterSitesError
 from ..graph.io import load_model, save_model
 from ..graph.modules import LinearSite, find_linear_sites
-from ..graph.sites import find_adapter_branches, remove_branch
+from ..graph.sites import AdapterBranch, find_adapter_branches, remove_branch
 from ..methods.lora import dora_weight, lora_delta_weight
 
 
@@ -65,11 +65,15 @@ def set_merged_weight(graph: ir.Graph, site: LinearSite,
     name = site.weight.name if exclusive else f"{site.module}.weight.merged"
 
     def compute() -> ir.TensorProtocol:
-        weight = old_tensor.numpy()
-        weight = weight if site.weight_layout == "out_in" else weight.T
-        merged = merged_out_in(weight.astype(np.float32))
+        stored = old_tensor.numpy()
+        weight = (stored if site.weight_layout == "out_in" else stored.T).astype(np.float32)  # a copy
+        del stored  # no view of the memory map may outlive release()
+        merged = merged_out_in(weight)
         merged = merged if layout == "out_in" else merged.T
-        return ir.tensor(np.ascontiguousarray(merged).astype(dtype.numpy()), name=name)
+        result = ir.tensor(np.ascontiguousarray(merged).astype(dtype.numpy()), name=name)
+        if exclusive and hasattr(old_tensor, "release"):  # unmap the base weight's pages now
+            old_tensor.release()
+        return result
 
     lazy = ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(shape), name=name)
     if exclusive:
@@ -125,16 +129,14 @@ class MergeAdapters(InPlacePass):
                 )
             return
         for module, branch in branches.items():
-            delta = branch.delta_weight()
-            if branch.method == "dora":
-                base = branch.base.weight_out_in().astype(np.float32)
-                magnitude = branch.dora_magnitude(base, delta)
+            # The delta is computed inside the lazy tensor, one weight at a time during the
+            # save, so merging never holds more than one [out, in] matrix.
+            def merged(w: np.ndarray, branch: AdapterBranch = branch) -> np.ndarray:
+                delta = branch.delta_weight()
+                if branch.method == "dora":
+                    return dora_weight(w, delta, branch.dora_magnitude(w, delta))
+                return w + delta
 
-                def merged(w: np.ndarray, d: np.ndarray = delta, m: np.ndarray = magnitude) -> np.ndarray:
-                    return dora_weight(w, d, m)
-            else:
-                def merged(w: np.ndarray, d: np.ndarray = delta) -> np.ndarray:
-                    return w + d
             set_merged_weight(model.graph, branch.base, merged)
             remove_branch(model.graph, branch)
             self.merged.append(module)
@@ -169,15 +171,15 @@ class MergeAdapters(InPlacePass):
                     f"{source}: module {module} has A {list(a.shape)}, B {list(b.shape)} but the model's "
                     f"Linear is {site.in_features} -> {site.out_features}"
                 )
-            delta = lora_delta_weight(a, b, config.scaling_for(module))
-            if MAGNITUDE_SUFFIX in parts:
-                magnitude = np.asarray(parts[MAGNITUDE_SUFFIX], np.float32).reshape(-1)
+            magnitude = parts.get(MAGNITUDE_SUFFIX)
 
-                def merged(w: np.ndarray, d: np.ndarray = delta, m: np.ndarray = magnitude) -> np.ndarray:
-                    return dora_weight(w, d, m)
-            else:
-                def merged(w: np.ndarray, d: np.ndarray = delta) -> np.ndarray:
-                    return w + d
+            def merged(w: np.ndarray, a: np.ndarray = a, b: np.ndarray = b, scale: float = config.scaling_for(module),
+                       m: np.ndarray | None = magnitude) -> np.ndarray:
+                delta = lora_delta_weight(a, b, scale)
+                if m is None:
+                    return w + delta
+                return dora_weight(w, delta, np.asarray(m, np.float32).reshape(-1))
+
             set_merged_weight(model.graph, site, merged)
             self.merged.append(module)
 
