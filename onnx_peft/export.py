@@ -345,7 +345,7 @@ def full_weight_modules(model: Any, adapters: Mapping[str, Path]) -> tuple[list[
     from .config import AdapterConfig
 
     modules: dict[str, bool] = {}
-    for name, path in adapters.items():
+    for path in adapters.values():
         config = AdapterConfig.from_pretrained(path)
         wanted = _modules_to_save(config)
         for key, module in model.named_modules():

@@ -320,3 +320,15 @@ def test_a_bias_the_exporter_dropped_gets_a_zero_default_slot(tmp_path):
     session.load_adapter("full", {"head.weight": weight, "head.bias": np.array([1, 2, 3], np.float32)})
     np.testing.assert_allclose(session.run(["y"], {"x": x}, adapter="full")[0], x @ weight.T + [1, 2, 3],
                                atol=ATOL, rtol=0)
+
+
+def test_contract_json_stays_readable_both_ways():
+    from onnx_peft.graph.contract import Contract, Slot
+
+    lora = Contract([Slot("q.lora_A.weight", "float32", (4, "lora_r.q"), "q")], fingerprint="f")
+    assert "layout" not in lora.to_json()  # LoRA-only contracts are written as before
+    head = Contract([Slot("head.weight", "float32", (4, 3), "head", "modules_to_save", "in_out")])
+    assert Contract.from_json(head.to_json()).slots == head.slots
+    old = '{"version": 1, "fingerprint": "f", "slots": [{"name": "q.lora_A.weight", "dtype": "float32", ' \
+          '"shape": [4, "lora_r.q"], "module": "q", "method": "lora", "future_field": 1}]}'
+    assert Contract.from_json(old).slots == lora.slots

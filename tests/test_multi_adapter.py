@@ -168,7 +168,7 @@ def test_cli_multi_adapter_and_bench(models, tmp_path, capsys):
     assert "mixed rows" in out and "r16" in out and "x1.000 of base" in out
     assert main(["multi-adapter", str(tmp_path / "out" / "model.onnx"), "-o", str(tmp_path / "again")]) == 1
     assert main(["bench", str(slot), "--adapter", "broken"]) == 1
-    assert "NAME=FILE" in capsys.readouterr().err
+    assert "broken: no such adapter file" in capsys.readouterr().err  # --adapter takes [NAME=]PATH
 
 
 def test_pass_refuses_a_model_without_slots(tmp_path):

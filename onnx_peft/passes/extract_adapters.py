@@ -245,7 +245,7 @@ class ExtractAdapters(InPlacePass):
             tensors = slot_tensors(branch, branch.base.weight.const_value.dtype.numpy())
             self.slot_arrays.update(tensors)
             slots.extend(self._slot(name, array, module, branch.method) for name, array in tensors.items())
-        for module, site in full_sites.items():
+        for site in full_sites.values():
             for slot, array in self._full_weight_slots(site):
                 self.slot_arrays[slot.name] = array
                 slots.append(slot)
@@ -266,7 +266,7 @@ class ExtractAdapters(InPlacePass):
             model.metadata_props[EXTERNAL_KEY] = json.dumps([s.name for s in slots])
         for branch in branches.values():
             self._rebuild(graph, branch, values)
-        for module, site in full_sites.items():
+        for site in full_sites.values():
             self._expose_full_weight(graph, site, self.contract.slot_map())
         write_contract(model.metadata_props, self.contract)
         return PassResult(model, modified=True)
