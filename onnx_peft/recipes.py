@@ -105,7 +105,8 @@ def _extract(options: dict[str, Any], state: RecipeState) -> Any:
     save_format = {"numpy": "npz"}.get(options["save_format"], options["save_format"])
     return ExtractAdapters(make_inputs=options["make_inputs"], pack_inputs=options["pack_inputs"],
                            optional_inputs=options["optional_inputs"], external=options["external"],
-                           save_format=save_format)
+                           save_format=save_format, full_weight_modules=options["full_weight_modules"],
+                           full_weight_biases=options["full_weight_biases"])
 
 
 def _insert(options: dict[str, Any], state: RecipeState) -> Any:
@@ -131,7 +132,8 @@ STEP_TYPES: dict[str, StepType] = {
     "MergeAdapterWeights": StepType({"adapter": None}, True, _merge),
     # dynamic_lora_r: Olive's flag; our rank dims are always symbolic (one per module).
     "ExtractAdapters": StepType({"make_inputs": True, "pack_inputs": False, "optional_inputs": True,
-                                 "external": False, "dynamic_lora_r": True, "save_format": "onnx_adapter"},
+                                 "external": False, "dynamic_lora_r": True, "save_format": "onnx_adapter",
+                                 "full_weight_modules": (), "full_weight_biases": ()},
                                 True, _extract),
     "InsertAdapters": StepType({"mode": "slots"}, True, _insert),
     "MultiAdapter": StepType({"ids_input": "adapter_ids"}, True, _multi),

@@ -478,6 +478,8 @@ class AdapterSession:
             ids = np.array([0 if a is None else banks.ids[a] for a in adapter], dtype=np.int64)
         else:
             ids = np.full(batch, 0 if adapter is None else banks.ids[adapter], dtype=np.int64)
+        if not ids.any():  # every row is the base: the banks' defaults hold row 0, skip the big feeds
+            return {self.layout.ids_input: ids}
         return {self.layout.ids_input: ids, **banks.values}
 
     def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, Any],
