@@ -42,22 +42,31 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _median_ms(fn: Any, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def interleaved_medians_ms(variants: dict[str, Any], rounds: int) -> dict[str, float]:
+    """Median latency of each variant, measured round-robin so machine noise hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for fn in variants.values():  # warm-up
         fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _size_mb(*paths: Path) -> float:
     return sum(p.stat().st_size for p in paths if p.exists()) / 1e6
 
 
-def train_adapters(base: Path, out: Path, epochs: float) -> dict[str, Any]:
+def train_adapters(base: Path, out: Path, epochs: float, reuse: bool) -> dict[str, dict[str, float]]:
+    """Train one adapter per task; returns each task's metrics (also kept in train_metrics.json)."""
     from .training import train
 
+    metrics_file = out / "train_metrics.json"
+    if reuse and metrics_file.exists() and all((out / "adapters_peft" / t).is_dir() for t in TASKS):
+        print(f"== reusing the adapters trained earlier in {out}/adapters_peft")
+        return json.loads(metrics_file.read_text())
     results = {}
     for task in TASKS:
         print(f"\n== training the {task} adapter (LoRA r=8 on query/key/value/dense, head in modules_to_save)")
@@ -67,8 +76,14 @@ def train_adapters(base: Path, out: Path, epochs: float) -> dict[str, Any]:
             training_args={"num_train_epochs": epochs, "learning_rate": 2e-3, "per_device_train_batch_size": 16,
                            "warmup_steps": 5, "seed": 0, "logging_steps": 50},
             eval_data=DATA_DIR / f"{task}_test.jsonl", max_length=64,
-        )
+        ).metrics
+    metrics_file.write_text(json.dumps(results, indent=2))
     return results
+
+
+def label_ids(adapter_dir: Path) -> dict[str, int]:
+    """label name -> id, as training assigned them (``labels.json`` in the adapter dir)."""
+    return json.loads((adapter_dir / "labels.json").read_text())["label2id"]
 
 
 def torch_logits(base: Path, adapter_dir: Path, encoded: dict[str, np.ndarray]) -> np.ndarray:
@@ -77,8 +92,7 @@ def torch_logits(base: Path, adapter_dir: Path, encoded: dict[str, np.ndarray]) 
 
     from .model import PeftModel
 
-    labels = json.loads((adapter_dir / "labels.json").read_text())
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(labels))
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(label_ids(adapter_dir)))
     peft_model = PeftModel.from_pretrained(model, adapter_dir).eval()
     with torch.no_grad():
         out = peft_model(**{k: torch.from_numpy(v) for k, v in encoded.items()})
@@ -90,30 +104,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default="demo_output")
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--quick", action="store_true", help="one epoch, fewer timing runs (for tests)")
+    parser.add_argument("--reuse", action="store_true", help="reuse adapters already trained in --output-dir")
     args = parser.parse_args(argv)
+    run_demo(Path(args.output_dir), epochs=1.0 if args.quick else args.epochs, rounds=5 if args.quick else 30,
+             reuse=args.reuse)
+    return 0
+
+
+def run_demo(out: Path, epochs: float = 3.0, rounds: int = 30, reuse: bool = False) -> dict[str, Any]:
+    """Run the whole journey into ``out`` and return the numbers it printed."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
     from transformers import AutoTokenizer
+
+    transformers.logging.set_verbosity_error()  # the new head's "MISSING" load report is expected
 
     from .export import export
     from .passes.multi_adapter import multi_adapter
     from .runtime import AdapterSession
 
-    out = Path(args.output_dir)
     base = minilm_dir()
-    epochs = 1.0 if args.quick else args.epochs
-    repeats = 5 if args.quick else 30
     started = time.perf_counter()
 
-    trained = train_adapters(base, out, epochs)
-    adapter_dirs = {task: r.adapter_dir for task, r in trained.items()}
+    trained = train_adapters(base, out, epochs, reuse)
+    adapter_dirs = {task: out / "adapters_peft" / task for task in TASKS}
 
     print("\n== exporting the base once, with adapter slots; each adapter as .onnx_adapter")
     model_path = export(base, out / "onnx", adapters=adapter_dirs, task="sequence-classification", mode="inputs")
     multi_path = multi_adapter(model_path, out / "onnx-multi")
-    base_path = export(base, out / "onnx-base", task="sequence-classification", mode="merged",
-                       adapters={"sentiment": adapter_dirs["sentiment"]})
+    merged_path = export(base, out / "onnx-merged-sentiment", task="sequence-classification", mode="merged",
+                         adapters={"sentiment": adapter_dirs["sentiment"]})
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     session = AdapterSession(model_path)
@@ -126,14 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, list[dict]] = {t: read_rows(DATA_DIR / f"{t}_test.jsonl") for t in TASKS}
     table = []
     for task in TASKS:
-        labels = json.loads((adapter_dirs[task] / "labels.json").read_text())
+        labels = label_ids(adapter_dirs[task])
         enc = dict(tokenizer([r["text"] for r in rows[task]], padding=True, truncation=True, max_length=64,
                              return_tensors="np"))
         enc = {k: v.astype(np.int64) for k, v in enc.items() if k in session.input_names}
-        gold = np.array([labels.index(r["label"]) for r in rows[task]])
+        gold = np.array([labels[r["label"]] for r in rows[task]])
         want = torch_logits(base, adapter_dirs[task], enc)
         (got,) = session.run(["logits"], enc, adapter=task)
-        metrics = trained[task].metrics
+        metrics = trained[task]
         table.append((task, metrics.get("eval_accuracy_before", float("nan")), float((want.argmax(1) == gold).mean()),
                       float((got.argmax(1) == gold).mean()), float(np.abs(got - want).max())))
 
@@ -147,32 +169,35 @@ def main(argv: list[str] | None = None) -> int:
                             for i, (t, _) in enumerate(mixed_rows)])
     mixed_diff = float(np.abs(mixed - alone).max())
 
-    # latency per request (batch 1), interleaved
+    # latency per request (batch 1), interleaved; the merged model costs what the base costs
     one = {k: v[:1] for k, v in enc.items()}
-    base_session = AdapterSession(base_path)
-    lat = {"base model (no slots)": lambda: base_session.run(["logits"], one),
-           "slots, no adapter": lambda: session.run(["logits"], one),
-           "slots, sentiment adapter": lambda: session.run(["logits"], one, adapter="sentiment")}
-    swap = iter(TASKS * (repeats * 2))
-    lat["slots, swapping every request"] = lambda: session.run(["logits"], one, adapter=next(swap))
-    for fn in lat.values():
-        fn()
-    timings = {name: _median_ms(fn, repeats) for name, fn in lat.items()}
+    merged_session = AdapterSession(merged_path)
+    swap = iter(TASKS * (rounds + 2))
+    timings = interleaved_medians_ms({
+        "merged model (no slots)": lambda: merged_session.run(["logits"], one),
+        "slots, no adapter": lambda: session.run(["logits"], one),
+        "slots, sentiment adapter": lambda: session.run(["logits"], one, adapter="sentiment"),
+        "slots, swapping every request": lambda: session.run(["logits"], one, adapter=next(swap)),
+    }, rounds)
 
     print("\n== results (all-MiniLM-L6-v2, ONNX Runtime", session.provider + ")")
     print(f"{'task':<10} {'acc before':>10} {'acc torch':>10} {'acc ORT':>8} {'max |logit diff|':>17}")
     for task, before, acc_t, acc_o, diff in table:
         print(f"{task:<10} {before:>10.2f} {acc_t:>10.2f} {acc_o:>8.2f} {diff:>17.2e}")
     print(f"per-row mixed batch of 16 (both adapters) vs each row alone: max |diff| {mixed_diff:.2e}")
-    print("\nlatency per request (batch 1, median of", repeats, "runs)")
+    print(f"\nlatency per request (batch 1, median of {rounds} interleaved runs)")
     for name, ms in timings.items():
         print(f"  {name:<32} {ms:7.2f} ms")
+    swap_cost = timings["slots, swapping every request"] - timings["slots, sentiment adapter"]
+    print(f"  swap cost (swapping - fixed)     {swap_cost:+7.2f} ms")
     print("\nsizes")
     print(f"  base model (model.onnx + data)   {_size_mb(model_path, Path(str(model_path) + '.data')):7.1f} MB")
     for task in TASKS:
         print(f"  {task + '.onnx_adapter':<32} {_size_mb(model_path.parent / 'adapters' / f'{task}.onnx_adapter'):7.2f} MB")
     print(f"\ndone in {time.perf_counter() - started:.0f} s; outputs in {out}/")
-    return 0
+    return {"tasks": {task: {"accuracy_before": before, "accuracy_torch": acc_t, "accuracy_ort": acc_o,
+                             "max_logit_diff": diff} for task, before, acc_t, acc_o, diff in table},
+            "mixed_rows_max_diff": mixed_diff, "latency_ms": timings}
 
 
 if __name__ == "__main__":  # pragma: no cover
