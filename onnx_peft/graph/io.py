@@ -16,13 +16,15 @@ Why this module exists: every pass reads a model and writes another, and the fil
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
 import tempfile
 import weakref
 from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import onnx_ir as ir
 
@@ -157,6 +159,26 @@ def _make_output_folder(path: Path) -> None:
         raise ModelFileError(f"{path}: cannot create the output folder {path.parent} ({exc.strerror or exc})") from exc
 
 
+@contextlib.contextmanager
+def _tensor_progress(path: Path) -> Iterator[Any]:
+    """A tqdm bar over the tensors ``ir.save`` writes (lazy merged weights are computed then)."""
+    from tqdm.auto import tqdm
+
+    from ..progress import quiet
+
+    bar = tqdm(desc=f"writing {path.name}", unit="tensor", leave=False,
+               disable=quiet() or not sys.stderr.isatty())
+
+    def callback(tensor: Any, info: Any) -> None:
+        bar.total = info.total
+        bar.update(1)
+
+    try:
+        yield callback
+    finally:
+        bar.close()
+
+
 def save_model(model: ir.Model, path: str | os.PathLike,
                external_data: bool | Literal["auto"] = "auto") -> Path:
     """Write ``model`` to ``path`` (and ``<name>.data`` next to it) atomically.
@@ -182,7 +204,8 @@ def save_model(model: ir.Model, path: str | os.PathLike,
     try:
         tmp_model = tmp_dir / path.name
         if external_data:
-            ir.save(model, tmp_model, external_data=data_name)
+            with _tensor_progress(path) as callback:
+                ir.save(model, tmp_model, external_data=data_name, callback=callback)
         else:
             ir.save(model, tmp_model)
         tmp_data = tmp_dir / data_name
