@@ -190,6 +190,13 @@ class AdapterSession:
         self.layout = MultiLayout.from_json(metadata[MULTI_ADAPTER_KEY]) if MULTI_ADAPTER_KEY in metadata else None
         self._slot_names = {s.name for s in self.contract.slots}
         self._managed = set() if self.layout is None else {b.bank for b in self.layout.banks}
+        # A model extracted with pack_inputs takes each dtype's slots as one flat input; the
+        # session checks adapters slot by slot, then packs them once at load time.
+        from .passes.extract_adapters import read_packing
+
+        self.packing = read_packing(metadata)
+        if self.packing:
+            self._managed |= {name for group in self.packing.values() for name in (group["data"], group["sizes"])}
         self._ids_input = self.layout.ids_input if self.layout is not None else None
         self._base_rows = self._read_base_rows()
 
@@ -223,6 +230,10 @@ class AdapterSession:
             if name in self._adapters:
                 raise RuntimeSessionError(f"adapter {name!r} is already loaded; unload_adapter({name!r}) first")
         tensors, fingerprint, label = self._read_source(source)
+        if self.packing and any(k in self._managed for k in tensors):
+            from .passes.extract_adapters import unpack_adapter_tensors
+
+            tensors = unpack_adapter_tensors(self.contract, tensors, source=label)
         check_adapter(self.contract, {k: (tuple(v.shape), v.dtype.name) for k, v in tensors.items()},
                       fingerprint=fingerprint, source=label)
         if not tensors:
@@ -231,9 +242,14 @@ class AdapterSession:
         arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
         ranks = {slots[k].module: int(v.shape[-1] if k.endswith(_SLOT_SUFFIXES[0]) else v.shape[0])
                  for k, v in arrays.items() if k.endswith(_SLOT_SUFFIXES)}
-        values = {} if self.layout is not None else {k: self._to_device(v) for k, v in arrays.items()}
+        feeds = arrays
+        if self.packing:
+            from .passes.extract_adapters import pack_adapter_tensors
+
+            feeds = pack_adapter_tensors(self.contract, arrays, source=label)
+        values = {} if self.layout is not None else {k: self._to_device(v) for k, v in feeds.items()}
         if self.layout is not None or self.device == "cpu":
-            keep = arrays  # banks are built from host arrays; on CPU the OrtValues share them
+            keep = arrays if self.layout is not None else feeds  # banks: host arrays; CPU OrtValues share them
         else:
             keep = {}
         loaded = _Loaded(name, label, keep, values, ranks)

@@ -252,3 +252,21 @@ def test_onnx_adapter_file_works_in_ort_lora_adapter(model_path, tmp_path, x):
     (ours,) = session.run(None, {"x": x}, adapter="a")
     assert np.abs(theirs - ours).max() <= 1e-6
     assert np.abs(ours - reference(x, tensors)).max() <= 1e-5
+
+
+def test_session_serves_packed_models_from_packed_files_and_peft_dirs(tmp_path):
+    """A model extracted with pack_inputs: the session unpacks, checks slot by slot, packs once."""
+    from helpers_onnx import TOL, case
+    from helpers_onnx import max_diff as diff
+
+    from onnx_peft.passes.extract_adapters import extract_adapters
+
+    c = case("llama_dyn")
+    model_path, packed_file = extract_adapters(c.path, tmp_path / "packed", pack_inputs=True)
+    session = AdapterSession(model_path)
+    session.load_adapter("packed", packed_file)
+    session.load_adapter("peft", c.adapter_dir)
+    assert diff(session.run(None, c.feeds)[0], c.base) <= TOL
+    assert diff(session.run(None, c.feeds, adapter="packed")[0], c.adapted) <= TOL
+    assert diff(session.run(None, c.feeds, adapter="peft")[0], c.adapted) <= TOL
+    assert not any(name.startswith("packed_adapters") for name in session.input_names)
