@@ -7,6 +7,7 @@ Only headers and shapes are read: weights stay on disk (adapter files are small)
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,12 @@ def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
         for slot in contract.slots:
             entry = info["modules"].setdefault(slot.module, {"method": slot.method, "slots": []})
             entry["slots"].append(slot.name)
+    from .passes.extract_adapters import read_packing
+    from .runtime import MULTI_ADAPTER_KEY
+
+    layout = model.metadata_props.get(MULTI_ADAPTER_KEY)
+    info["multi_adapter"] = json.loads(layout) if layout else None
+    info["packing"] = read_packing(model.metadata_props)
     return info
 
 
@@ -140,6 +147,12 @@ def render_text(info: dict[str, Any]) -> str:
         lines.append(f"  contract: {'yes' if info['has_contract'] else 'none'}"
                      + (f", fingerprint {info['fingerprint']}" if info["fingerprint"] else ""))
         lines.append(f"  {len(info['slots'])} slots on {len(info['modules'])} modules")
+        if info.get("multi_adapter"):
+            layout = info["multi_adapter"]
+            lines.append(f"  multi-adapter: {len(layout['banks'])} banks fed by the session, one adapter "
+                         f"per row through {layout['ids_input']!r} (0 = base)")
+        if info.get("packing"):
+            lines.append("  packed inputs: " + ", ".join(group["data"] for group in info["packing"].values()))
         for module, entry in sorted(info["modules"].items()):
             shapes = [s["shape"] for s in info["slots"] if s["module"] == module]
             lines.append(f"    {module} [{entry['method']}] {shapes}")

@@ -56,6 +56,9 @@ def test_multi_adapter_recipe_runs_per_row(tmp_path):
     # this cached export has a fixed batch of 1; mixed batches are covered in test_multi_adapter
     assert max_diff(session.run(None, c.feeds, adapter=["a"])[0], c.adapted) <= TOL
     assert max_diff(session.run(None, c.feeds, adapter=[None])[0], c.base) <= TOL
+    from onnx_peft.inspect import inspect_path
+
+    assert inspect_path(state.onnx_model)["multi_adapter"]["ids_input"] == "adapter_ids"
 
 
 def test_insert_recipe_with_cli_adapter_equals_insert_adapters(tmp_path):
