@@ -85,7 +85,10 @@ def _feeds(session, batch: int = 2, seq: int = 6, seed: int = 0) -> dict[str, np
 def _torch_out(model, feeds, key: str) -> np.ndarray:
     kwargs = {k: torch.from_numpy(v) for k, v in feeds.items()}
     with torch.no_grad():
-        out = model(**kwargs, **({"use_cache": False} if key == "logits" else {}))
+        try:
+            out = model(**kwargs, **({"use_cache": False} if key == "logits" else {}))
+        except TypeError:  # transformers 4.x encoders (BertForSequenceClassification) take no use_cache
+            out = model(**kwargs)
     return getattr(out, key).numpy()
 
 

@@ -331,3 +331,21 @@ def test_formats_convert_insert_inspect_work_without_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "OK 12"
+
+
+def test_insert_into_a_graph_without_intermediate_types(tmp_path):
+    """TorchScript/Optimum exports leave intermediate values untyped; grafting must not need them."""
+    import onnx
+
+    case = build_case("llama")
+    proto = onnx.load(str(case.base_onnx))
+    del proto.graph.value_info[:]
+    untyped = tmp_path / "untyped" / "base.onnx"
+    untyped.parent.mkdir()
+    onnx.save(proto, str(untyped), save_as_external_data=True, location="base.onnx.data")
+    name = next(iter(case.adapters))
+    insert_adapters(untyped, {name: case.adapters[name]}, tmp_path / "deploy")
+    file = tmp_path / "deploy" / "adapters" / f"{name}.onnx_adapter"
+    tensors, _ = load_adapter_file(file)
+    fed = run_logits(tmp_path / "deploy" / "model.onnx", case.input_ids, feeds=tensors)
+    assert np.abs(fed - case.logits[name]).max() <= TOL

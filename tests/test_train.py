@@ -143,7 +143,8 @@ def test_gradient_checkpointing_gives_lora_the_same_gradients(use_reentrant):
                     param.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
         if checkpointing:
             enable_gradient_checkpointing(model, use_reentrant=use_reentrant)
-            assert model.is_activation_checkpointing
+            base = model.get_base_model()  # transformers 5: is_activation_checkpointing; 4.x: is_gradient_checkpointing
+            assert getattr(base, "is_activation_checkpointing", None) or getattr(base, "is_gradient_checkpointing", None)
         model.train()
         model(input_ids=ids, labels=ids).loss.backward()
         return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}

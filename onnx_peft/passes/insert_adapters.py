@@ -191,7 +191,8 @@ class InsertAdapters(ir.passes.InPlacePass):
         out = add.outputs[0]
         xa.outputs[0].name, xab.outputs[0].name = f"{prefix}/xA", f"{prefix}/xAB"
         out.name = f"{prefix}/out"
-        out.dtype = y.dtype
+        if y.type is not None:  # TorchScript/Optimum exports may leave intermediate values untyped
+            out.type = y.type
         out.shape = ir.Shape(y.shape) if y.shape is not None else None
         for user, index in list(y.uses()):
             if user is not add:
