@@ -7,7 +7,6 @@ Not an example itself; the scripts import it (``python examples/NAME.py`` puts t
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -101,9 +100,10 @@ def peft_logits(base_dir: Path, adapter_dir: Path, feeds: dict[str, np.ndarray])
     from transformers import AutoModelForSequenceClassification
 
     from onnx_peft import PeftModel
+    from onnx_peft.checkpoint import read_label_names
 
-    labels = adapter_dir / "labels.json"  # written by onnx_peft.train: the head's size
-    extra = {"num_labels": len(json.loads(labels.read_text()))} if labels.exists() else {}
+    names = read_label_names(adapter_dir)  # labels.json, written by onnx_peft.train: the head's size
+    extra = {"num_labels": len(names)} if names else {}
     model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base_dir, **extra),
                                       adapter_dir).eval()
     with torch.no_grad():

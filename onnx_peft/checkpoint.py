@@ -133,6 +133,23 @@ def load_adapter_weights(directory: str | os.PathLike, allow_pickle: bool = Fals
     raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} found; is this a PEFT adapter directory?")
 
 
+LABELS_NAME = "labels.json"
+
+
+def read_label_names(directory: str | os.PathLike) -> list[str] | None:
+    """The class names a classification adapter was trained with (``labels.json``, written by
+    ``onnx_peft.train``: ``{"id2label": {"0": name, ...}, "label2id": ...}``), in id order."""
+    path = Path(directory) / LABELS_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        id2label = data["id2label"] if isinstance(data, dict) else dict(enumerate(data))
+        return [id2label[key] for key in sorted(id2label, key=int)]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not a labels file ({exc}); expected {{\"id2label\": {{\"0\": ...}}}}") from exc
+
+
 def save_adapter_dir(directory: str | os.PathLike, config: Any, tensors: Mapping[str, Any]) -> Path:
     """Write ``adapter_model.safetensors`` then ``adapter_config.json``, each atomically.
 

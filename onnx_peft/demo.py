@@ -83,7 +83,9 @@ def train_adapters(base: Path, out: Path, epochs: float, reuse: bool) -> dict[st
 
 def label_ids(adapter_dir: Path) -> dict[str, int]:
     """label name -> id, as training assigned them (``labels.json`` in the adapter dir)."""
-    return json.loads((adapter_dir / "labels.json").read_text())["label2id"]
+    from .checkpoint import read_label_names
+
+    return {name: i for i, name in enumerate(read_label_names(adapter_dir) or [])}
 
 
 def torch_logits(base: Path, adapter_dir: Path, encoded: dict[str, np.ndarray]) -> np.ndarray:

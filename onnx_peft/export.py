@@ -321,7 +321,6 @@ def _excluded(config: Any, path: str) -> bool:
 
 
 _SEQ_CLS_HEADS = ("classifier", "score")  # PEFT adds these to modules_to_save for task_type SEQ_CLS
-LABELS_FILE = "labels.json"
 
 
 def _modules_to_save(config: Any) -> list[str]:
@@ -456,13 +455,11 @@ def adapter_num_labels(adapters: Mapping[str, Path]) -> int | None:
 
 
 def _labels_of(path: Path) -> int | None:
-    labels = path / LABELS_FILE
-    if labels.is_file():
-        try:
-            data = json.loads(labels.read_text())
-            return len(data["id2label"] if isinstance(data, dict) and "id2label" in data else data)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise AdapterConfigError(f"{labels}: not a labels file ({exc})") from exc
+    from .checkpoint import read_label_names
+
+    names = read_label_names(path)
+    if names is not None:
+        return len(names)
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         return None
