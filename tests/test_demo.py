@@ -1,10 +1,14 @@
-"""`make demo`'s job runs end to end (one epoch) on the real all-MiniLM-L6-v2 and agrees with PyTorch."""
+"""`make demo`'s job runs end to end (one epoch) on the real all-MiniLM-L6-v2 and agrees with
+PyTorch; the examples then reuse its output folder."""
+
+from test_examples import run_example
 
 from onnx_peft.demo import TASKS, run_demo
 
 
-def test_demo_trains_exports_swaps_and_mixes(tmp_path):
-    results = run_demo(tmp_path / "demo", epochs=1.0, rounds=3)
+def test_demo_trains_exports_swaps_and_mixes_then_examples_reuse_it(tmp_path):
+    demo = tmp_path / "demo"
+    results = run_demo(demo, epochs=1.0, rounds=3)
     for task in TASKS:
         numbers = results["tasks"][task]
         # MiniLM is a real 22.7M-parameter model: the 1e-4 bound of the ~100M class applies
@@ -14,4 +18,8 @@ def test_demo_trains_exports_swaps_and_mixes(tmp_path):
     assert results["mixed_rows_max_diff"] <= 1e-5
     for name in ("merged model (no slots)", "slots, no adapter", "slots, sentiment adapter"):
         assert results["latency_ms"][name] > 0
-    assert (tmp_path / "demo" / "onnx" / "adapters" / "topic.onnx_adapter").exists()
+    assert (demo / "onnx" / "adapters" / "topic.onnx_adapter").exists()
+
+    swapped = run_example("swap_adapters", tmp_path / "work", "--from-demo", str(demo))
+    assert max(v for k, v in swapped.items() if k.startswith("max_abs_diff_")) <= 1e-4
+    assert swapped["adapter_effect"] > 1e-2
