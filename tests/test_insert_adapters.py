@@ -195,6 +195,61 @@ def test_gpt2_conv1d_fan_in_fan_out_slots_and_in_graph():
     assert np.abs(run_logits(baked, case.input_ids) - want).max() <= TOL
 
 
+@functools.cache
+def build_dora(kind: str = "llama") -> tuple[Path, np.ndarray]:
+    """A PEFT DoRA adapter (random A, B and magnitude) on ``kind``'s base: (dir, PEFT logits)."""
+    import torch
+
+    case = build_case(kind)
+    model = _tiny(kind)  # the same weights as case's base (same seed)
+    folder = case.folder / "dora"
+    logits = _save_adapter(model, folder, torch.from_numpy(case.input_ids), seed=20, r=4, lora_alpha=8,
+                           target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
+    return folder, logits
+
+
+def test_llama_dora_inserted_as_slots_and_in_graph_matches_peft_forward():
+    case = build_case("llama")
+    dora, want = build_dora("llama")
+    assert np.abs(want - case.base_logits).max() > 1e-2
+
+    deploy = case.folder / "dora_deploy"
+    model = insert_adapters(case.base_onnx, {"dora": dora, "other": case.adapters["other"]}, deploy)
+    contract = read_contract(ir.load(model).metadata_props)
+    factor = contract.slot_map()["model.layers.0.self_attn.q_proj.dora_factor"]
+    assert factor.shape == (64,) and factor.method == "dora"
+    assert "model.layers.0.self_attn.k_proj.dora_factor" not in contract.slot_map()
+    assert np.abs(run_logits(model, case.input_ids) - case.base_logits).max() <= TOL  # no feeds = base
+    file = deploy / "adapters" / "dora.onnx_adapter"
+    tensors, _ = load_adapter_file(file)
+    assert tensors["model.layers.1.mlp.down_proj.dora_factor"].shape == (64,)
+    assert np.abs(run_logits(model, case.input_ids, feeds=tensors) - want).max() <= TOL
+    assert np.abs(run_logits(model, case.input_ids, adapter_file=file) - want).max() <= TOL
+    other = run_logits(model, case.input_ids, adapter_file=deploy / "adapters" / "other.onnx_adapter")
+    assert np.abs(other - case.logits["other"]).max() <= TOL
+
+    baked = insert_adapters(case.base_onnx, {"dora": dora}, case.folder / "dora_baked", mode="in-graph")
+    baked_model = ir.load(baked)
+    assert "model.layers.0.self_attn.q_proj.dora_factor" in baked_model.graph.initializers
+    assert not [v for v in baked_model.graph.inputs if v.name != "input_ids"]
+    assert np.abs(run_logits(baked, case.input_ids) - want).max() <= TOL
+
+
+def test_gpt2_dora_with_biases_inserted_matches_peft_forward():
+    import torch
+
+    case = build_case("gpt2")  # Conv1D: bias Add, reshaped back -> the Sub(y, bias) form
+    want = _save_adapter(_tiny("gpt2"), case.folder / "dora", torch.from_numpy(case.input_ids), seed=20, r=4,
+                         lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, use_dora=True)
+    model = insert_adapters(case.base_onnx, {"dora": case.folder / "dora"}, case.folder / "dora_deploy")
+    assert np.abs(run_logits(model, case.input_ids) - case.base_logits).max() <= TOL
+    got = run_logits(model, case.input_ids, adapter_file=case.folder / "dora_deploy" / "adapters" / "dora.onnx_adapter")
+    assert np.abs(got - want).max() <= TOL
+    baked = insert_adapters(case.base_onnx, {"dora": case.folder / "dora"}, case.folder / "dora_baked",
+                            mode="in-graph")
+    assert np.abs(run_logits(baked, case.input_ids) - want).max() <= TOL
+
+
 def test_insert_never_changes_the_base_model():
     case = build_case("llama")
     digest = hashlib.sha256(case.base_onnx.read_bytes()).hexdigest()

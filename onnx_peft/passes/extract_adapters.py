@@ -65,6 +65,7 @@ import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
 from ..errors import IncompatibleAdapterError, NoAdapterSitesError, OnnxPeftError
+from ..graph.branch import graft_slot_branch
 from ..graph.contract import (
     FULL_WEIGHT_METHOD,
     Contract,
@@ -426,46 +427,11 @@ class ExtractAdapters(InPlacePass):
 
     def _rebuild(self, graph: ir.Graph, branch: AdapterBranch, values: dict[str, ir.Value]) -> None:
         site, module = branch.base, branch.module
-        a = values[slot_name(module, A_SLOT)]
-        b = values[slot_name(module, B_SLOT)]
-        anchor = branch.add
-        new_nodes: list[ir.Node] = []
-
-        def node(op: str, inputs: list[ir.Value], suffix: str) -> ir.Value:
-            n = ir.Node("", op, inputs, name=f"{module}/lora/{suffix}", num_outputs=1)
-            n.outputs[0].name = f"{module}.lora.{suffix}"
-            new_nodes.append(n)
-            return n.outputs[0]
-
-        low = node("MatMul", [site.input, a], "A")
-        lora = node("MatMul", [low, b], "B")
-        extra: list[ir.Node] = []
-        if branch.method == "lora":
-            out = node("Add", [site.output, lora], "add")
-        else:
-            factor = values[slot_name(module, DORA_SLOT)]
-            bias = site.bias
-            if bias is None:
-                plain = site.output
-            elif site.output is not site.node.outputs[0] and site.output.producer().op_type == "Add":
-                plain = site.node.outputs[0]
-                extra.append(site.output.producer())
-            else:
-                plain = node("Sub", [site.output, bias], "unbias")
-            summed = node("Add", [plain, lora], "add")
-            out = node("Mul", [summed, factor], "dora")
-            if bias is not None:
-                out = node("Add", [out, bias], "bias")
-        graph.insert_after(anchor, new_nodes)
-        old = branch.output
-        if old.is_graph_output():
-            index = list(graph.outputs).index(old)
-            name = old.name
-            old.name = None
-            out.name = name
-            graph.outputs[index] = out
-        ir.convenience.replace_all_uses_with(old, out)
-        remove_dead(graph, [*branch.nodes, *extra])
+        factor = values[slot_name(module, DORA_SLOT)] if branch.method != "lora" else None
+        graft_slot_branch(graph, site, values[slot_name(module, A_SLOT)], values[slot_name(module, B_SLOT)],
+                          factor, replace=branch.output, after=branch.add)
+        # the old branch, and (DoRA) the bias Add the new one bypasses, once nothing reads them
+        remove_dead(graph, [*branch.nodes, site.output.producer()])
 
 
 def _constant_use(node: ir.Node, index: int) -> tuple[ir.Node, int]:

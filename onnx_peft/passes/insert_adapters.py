@@ -6,6 +6,12 @@ whatever exporter wrote the graph), the pass adds::
     x ─┬─ MatMul/Gemm(W) ──────────────────── y ─┐
        └─ MatMul(A_slot [in, r]) ─ MatMul(B_slot [r, out]) ─ Add ─▶ y' (old consumers of y)
 
+and for a DoRA module (its adapter has ``lora_magnitude_vector``) the form of
+:func:`graph.branch.graft_slot_branch`, ``y' = factor * (x W + (x A) B) + bias``, with a
+``<module>.dora_factor`` ``[out]`` slot (default ones: no feed = the base; a plain LoRA adapter
+fills it with ones). The factor ``m / ||W + s B A||_row`` comes from the base weight
+(convert.dora_factor_for).
+
 ``mode="slots"``: ``A_slot``/``B_slot`` are optional graph inputs named
 ``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` (rank dim symbolic, one per module) whose
 defaults are zero-rank tensors ``[in, 0]`` / ``[0, out]``, so with nothing fed the model is the
@@ -19,7 +25,7 @@ base fingerprint) goes to ``metadata_props``.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,9 +33,17 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from ..convert import A_SUFFIX, B_SUFFIX, MAGNITUDE_SUFFIX, group_peft_tensors, lora_slot_tensors
+from ..convert import (
+    A_SUFFIX,
+    B_SUFFIX,
+    MAGNITUDE_SUFFIX,
+    dora_factor_for,
+    group_peft_tensors,
+    lora_slot_tensors,
+)
 from ..errors import CheckpointError, IncompatibleAdapterError, NoAdapterSitesError
 from ..formats import read_peft_adapter, save_adapter_file
+from ..graph.branch import graft_slot_branch
 from ..graph.contract import (
     Contract,
     Slot,
@@ -44,6 +58,7 @@ from ..methods.lora import LoraConfig
 from ..targets import is_target
 
 Mode = Literal["slots", "in-graph"]
+DORA_SUFFIX = "dora_factor"
 
 
 @dataclass
@@ -64,13 +79,13 @@ class PeftAdapter:
                 f"{source}: peft_type {config.peft_type} cannot be inserted; only LoRA can"
             )
         modules = group_peft_tensors(tensors, source)
-        dora = [m for m, parts in modules.items() if MAGNITUDE_SUFFIX in parts]
-        if config.use_dora or dora:
-            raise IncompatibleAdapterError(
-                f"{source}: DoRA (module {dora[0] if dora else '?'}) cannot be inserted into a base "
-                "graph yet; export the PeftModel with onnx-peft export, or merge it with PEFT"
-            )
+        for module, parts in sorted(modules.items()):
+            if config.use_dora and MAGNITUDE_SUFFIX not in parts:
+                raise CheckpointError(f"{source}: DoRA module {module} has no {MAGNITUDE_SUFFIX}")
         return cls(name, source, config, modules)
+
+    def is_dora(self, module: str) -> bool:
+        return MAGNITUDE_SUFFIX in self.modules.get(module, {})
 
 
 def _base_weights_out_in(sites: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -107,6 +122,7 @@ class InsertAdapters(ir.passes.InPlacePass):
             for name, a in adapters.items()
         }
         self.contract: Contract | None = None
+        self.base_weights: dict[str, np.ndarray] = {}  # module -> W [out, in] (lazy views), after the call
 
     def requires(self, model: ir.Model) -> None:
         contract = read_contract(model.metadata_props)
@@ -125,10 +141,11 @@ class InsertAdapters(ir.passes.InPlacePass):
                 "mapped to a module path; export it with module names kept (torch.onnx dynamo or Optimum)"
             )
         modules = self._check_against(sites)
+        self.base_weights = _base_weights_out_in(sites)
         slots: list[Slot] = []
         for module in sorted(modules):
             slots.extend(self._graft(model.graph, sites[module]))
-        self.contract = Contract(slots=slots, fingerprint=base_fingerprint(sites))
+        self.contract = Contract(slots=slots, fingerprint=weight_fingerprint(self.base_weights))
         write_contract(model.metadata_props, self.contract)
         return ir.passes.PassResult(model, modified=bool(modules))
 
@@ -152,6 +169,12 @@ class InsertAdapters(ir.passes.InPlacePass):
                         f"but the model's layer maps {site.in_features} -> {site.out_features} "
                         "features; the adapter was trained on another base model"
                     )
+                magnitude = adapter.modules[module].get(MAGNITUDE_SUFFIX)
+                if magnitude is not None and np.size(magnitude) != site.out_features:
+                    raise IncompatibleAdapterError(
+                        f"{adapter.source}: module {module} has a DoRA magnitude of {np.size(magnitude)} "
+                        f"values but the model's layer has {site.out_features} output features"
+                    )
             missing = sorted(m for m in sites if is_target(m, adapter.config) and m not in adapter.modules)
             if missing:
                 raise CheckpointError(
@@ -163,51 +186,35 @@ class InsertAdapters(ir.passes.InPlacePass):
 
     # -- graph surgery ----------------------------------------------------------------------
     def _graft(self, graph: ir.Graph, site: Any) -> list[Slot]:
-        """Add ``y' = y + (x A) B`` after ``site``; return the slots it created."""
+        """Add the slot branch (graph.branch.graft_slot_branch) after ``site``; return its slots."""
         node = site.node
         if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
             raise IncompatibleAdapterError(f"module {site.module}: Gemm with transA=1 is not supported")
-        x = site.input  # before a flattening Reshape when the output is reshaped back (GPT-2)
+        module = site.module
         dtype = site.weight.dtype or site.weight.const_value.dtype
         np_dtype = dtype.numpy()
-        a_name, b_name = slot_name(site.module, A_SUFFIX), slot_name(site.module, B_SUFFIX)
-        rank = rank_dim(site.module)
+        dora = any(a.is_dora(module) for a in self.adapters.values())
+        names = [slot_name(module, A_SUFFIX), slot_name(module, B_SUFFIX)]
+        rank = rank_dim(module)
+        shapes = [(site.in_features, rank), (rank, site.out_features)]
+        if dora:
+            names.append(slot_name(module, DORA_SUFFIX))
+            shapes.append((site.out_features,))
         if self.mode == "slots":
-            a = self._slot_input(graph, a_name, dtype, (site.in_features, rank),
-                                 np.zeros((site.in_features, 0), np_dtype))
-            b = self._slot_input(graph, b_name, dtype, (rank, site.out_features),
-                                 np.zeros((0, site.out_features), np_dtype))
+            defaults = [np.zeros((site.in_features, 0), np_dtype), np.zeros((0, site.out_features), np_dtype),
+                        np.ones(site.out_features, np_dtype)]
+            values = [self._slot_input(graph, n, dtype, shape, default)
+                      for n, shape, default in zip(names, shapes, defaults)]
         else:
             (adapter,) = self.adapters.values()
-            tensors = lora_slot_tensors(site.module, adapter.modules[site.module], adapter.config,
-                                        np_dtype, adapter.source)
-            a = self._initializer(graph, a_name, tensors[a_name])
-            b = self._initializer(graph, b_name, tensors[b_name])
-        prefix = f"{site.module}/lora"
-        xa = ir.node("MatMul", [x, a], name=f"{prefix}/MatMul_A")
-        xab = ir.node("MatMul", [xa.outputs[0], b], name=f"{prefix}/MatMul_B")
-        y = site.output
-        add = ir.node("Add", [y, xab.outputs[0]], name=f"{prefix}/Add")
-        out = add.outputs[0]
-        xa.outputs[0].name, xab.outputs[0].name = f"{prefix}/xA", f"{prefix}/xAB"
-        out.name = f"{prefix}/out"
-        if y.type is not None:  # TorchScript/Optimum exports may leave intermediate values untyped
-            out.type = y.type
-        out.shape = ir.Shape(y.shape) if y.shape is not None else None
-        for user, index in list(y.uses()):
-            if user is not add:
-                user.replace_input_with(index, out)
-        if y.is_graph_output():
-            # keep the graph's output name: the new value takes it, the old one gets a new name
-            for i, value in enumerate(graph.outputs):
-                if value is y:
-                    graph.outputs[i] = out
-            y.name, out.name = f"{prefix}/base_out", y.name
-        graph.insert_after(node if y.producer() is node else y.producer(), [xa, xab, add])
+            tensors = module_slot_tensors(adapter, module, np_dtype, self.base_weights.get)
+            values = [self._initializer(graph, n, tensors[n]) for n in names]
+        # x is taken before a flattening Reshape when the output is reshaped back (GPT-2)
+        graft_slot_branch(graph, site, *values)
         if self.mode != "slots":
             return []
-        return [Slot(name, np_dtype.name, shape, site.module, "lora")
-                for name, shape in ((a_name, (site.in_features, rank)), (b_name, (rank, site.out_features)))]
+        method = "dora" if dora else "lora"
+        return [Slot(n, np_dtype.name, shape, module, method) for n, shape in zip(names, shapes)]
 
     @staticmethod
     def _slot_input(graph: ir.Graph, name: str, dtype: ir.DataType, shape: tuple, default: np.ndarray
@@ -227,12 +234,37 @@ class InsertAdapters(ir.passes.InPlacePass):
 
 
 # -- the public entry point ------------------------------------------------------------------
-def adapter_file_tensors(adapter: PeftAdapter, contract: Contract) -> dict[str, np.ndarray]:
-    """The slot tensors of ``adapter`` in the model's dtype, checked against ``contract``."""
+def module_slot_tensors(adapter: PeftAdapter, module: str, dtype: Any,
+                        base_weight: Callable[[str], np.ndarray | None]) -> dict[str, np.ndarray]:
+    """Slot tensors of one module of ``adapter``: A^T, (s B)^T and, for DoRA, the factor ``[out]``
+    computed from ``base_weight(module)`` (``[out, in]``)."""
+    parts = adapter.modules[module]
+    tensors = lora_slot_tensors(module, parts, adapter.config, dtype, adapter.source)
+    if adapter.is_dora(module):
+        weight = base_weight(module)
+        if weight is None:
+            raise IncompatibleAdapterError(f"{adapter.source}: DoRA module {module} needs its base weight, "
+                                           "which is not a constant of the model")
+        factor = dora_factor_for(module, parts, adapter.config, weight)
+        tensors[slot_name(module, DORA_SUFFIX)] = np.asarray(factor, np.float32).reshape(-1).astype(dtype)
+    return tensors
+
+
+def adapter_file_tensors(adapter: PeftAdapter, contract: Contract,
+                         base_weight: Callable[[str], np.ndarray | None] | None = None) -> dict[str, np.ndarray]:
+    """The slot tensors of ``adapter`` in the model's dtype, checked against ``contract``.
+
+    ``base_weight(module) -> W [out, in]`` is needed for DoRA modules (the factor); a plain
+    LoRA module whose slots include a DoRA factor (another adapter is DoRA there) gets ones.
+    """
     dtype = np.dtype(contract.slots[0].dtype) if contract.slots else np.float32
+    slots = contract.slot_map()
     tensors: dict[str, np.ndarray] = {}
-    for module, parts in sorted(adapter.modules.items()):
-        tensors.update(lora_slot_tensors(module, parts, adapter.config, dtype, adapter.source))
+    for module in sorted(adapter.modules):
+        tensors.update(module_slot_tensors(adapter, module, dtype, base_weight or (lambda m: None)))
+        factor = slot_name(module, DORA_SUFFIX)
+        if factor in slots and factor not in tensors:
+            tensors[factor] = np.ones([int(d) for d in slots[factor].shape], dtype)
     shapes = {n: (tuple(t.shape), t.dtype.name) for n, t in tensors.items()}
     check_adapter(contract, shapes, contract.fingerprint, source=adapter.source)
     return tensors
@@ -256,7 +288,8 @@ def insert_adapters(base_model_path: str | os.PathLike, adapters: Mapping[str, s
     contract = insert.contract
     if mode == "slots":
         # convert (and check) every adapter before anything is written
-        files = {name: adapter_file_tensors(a, contract) for name, a in insert.adapters.items()}
+        files = {name: adapter_file_tensors(a, contract, insert.base_weights.get)
+                 for name, a in insert.adapters.items()}
     output_dir.mkdir(parents=True, exist_ok=True)
     model_path = save_model(result.model, output_dir / "model.onnx")
     suffix = {"onnx_adapter": ".onnx_adapter", "safetensors": ".safetensors", "npz": ".npz"}[adapter_format]
