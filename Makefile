@@ -28,8 +28,16 @@ test: $(VENV)/.installed-test
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check onnx_peft tests benchmarks examples
 
-bench: $(VENV)/.installed-test
+# Olive runs in its own venv (it pins its own dependencies); benchmarks/passes.py compares against it.
+.venv-olive/bin/python:
+	$(PY) -m venv .venv-olive
+	.venv-olive/bin/pip install -q $(TORCH)
+	.venv-olive/bin/pip install -q olive-ai==0.13.0 onnx onnxruntime onnxscript requests
+
+bench: $(VENV)/.installed-test .venv-olive/bin/python
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/passes.py
+	$(BIN)/python benchmarks/runtime.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-olive build *.egg-info
