@@ -7,13 +7,15 @@ and ``forward``.
 
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import nn
 
 from ..errors import OnnxPeftError
 
 
-class AdapterLayer(nn.Module):
+class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
     """Base of every tuner layer: ``self.base_layer`` is the wrapped (frozen) module."""
 
     # Names of the ModuleDict/ParameterDict attributes that hold per-adapter tensors.
@@ -94,8 +96,9 @@ class AdapterLayer(nn.Module):
     def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         return weight - self.get_delta_weight(adapter_name).to(weight.dtype)
 
+    @abc.abstractmethod
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must define get_delta_weight")
+        """The adapter's weight update, in the base weight's layout (from onnx_peft.methods)."""
 
 
 class ModulesToSaveWrapper(nn.Module):

@@ -14,6 +14,7 @@ treated as a constant in backward, as in the DoRA paper and PEFT). All weight ma
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -102,8 +103,9 @@ class LoraLayer(AdapterLayer):
     def _magnitude_shape(self) -> tuple[int, ...]:
         return (-1,)
 
+    @abc.abstractmethod
     def _create_weights(self, adapter_name: str, r: int, init: bool | str) -> None:
-        raise NotImplementedError
+        """Create the (uninitialised) A and B tensors of ``adapter_name`` with rank ``r``."""
 
     def _init_weights(self, adapter_name: str, init: bool | str) -> None:
         if init is False:
@@ -197,8 +199,9 @@ class LoraLayer(AdapterLayer):
     def _channels_dim(self) -> int:
         return -1
 
+    @abc.abstractmethod
     def _base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """``x W`` without the bias (DoRA rescales it when dropout is active in training)."""
 
     def __repr__(self) -> str:
         return f"lora.{type(self).__name__}({self.base_layer!r})"
@@ -282,6 +285,9 @@ class Embedding(LoraLayer):
 
     def _from_out_first(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T
+
+    def _base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        return self._embed(x, self.base_layer.weight)  # an embedding has no bias
 
     def _embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
