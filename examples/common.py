@@ -7,6 +7,7 @@ Not an example itself; the scripts import it (``python examples/NAME.py`` puts t
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 from pathlib import Path
@@ -19,6 +20,15 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 WORDS = ["good", "great", "fine", "bad", "awful", "sad", "the", "a", "movie", "film", "was", "is", "really"]
 TEXTS = ["the movie was good", "a really awful film", "the film is fine", "sad movie", "great"]
+
+
+def example_parser(doc: str, from_demo: bool = False) -> argparse.ArgumentParser:
+    """The options every example takes: --work-dir, and --from-demo where it can reuse `make demo`."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--work-dir", help="where to write (default: a temporary folder)")
+    if from_demo:
+        parser.add_argument("--from-demo", metavar="DIR", help="use the `make demo` output folder instead of a tiny model")
+    return parser
 
 
 def work_dir(arg: str | None) -> Path:

@@ -9,14 +9,11 @@ goes through ``PeftModel.generate`` in PyTorch.
 
 from __future__ import annotations
 
-import argparse
-
 import common
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work-dir", help="where to write (default: a temporary folder)")
+    parser = common.example_parser(__doc__)
     parser.add_argument("--new-tokens", type=int, default=12)
     args = parser.parse_args(argv)
     import numpy as np

@@ -11,14 +11,11 @@ needs a model with a slot for it, i.e. ``export(..., mode="inputs")`` (see swap_
 
 from __future__ import annotations
 
-import argparse
-
 import common
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work-dir", help="where to write (default: a temporary folder)")
+    parser = common.example_parser(__doc__)
     args = parser.parse_args(argv)
     import numpy as np
     import torch

@@ -9,15 +9,11 @@ sits in a bank and each batch row picks its own with ``adapter=[name or None per
 
 from __future__ import annotations
 
-import argparse
-
 import common
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work-dir", help="where to write (default: a temporary folder)")
-    parser.add_argument("--from-demo", metavar="DIR", help="use the `make demo` output folder instead of a tiny model")
+    parser = common.example_parser(__doc__, from_demo=True)
     args = parser.parse_args(argv)
     import numpy as np
 

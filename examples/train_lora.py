@@ -10,7 +10,6 @@ adapter_config.json + adapter_model.safetensors (+ labels.json) and loads in PEF
 
 from __future__ import annotations
 
-import argparse
 import random
 
 import common
@@ -28,8 +27,7 @@ def sentiment_rows(n: int, seed: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work-dir", help="where to write (default: a temporary folder)")
+    parser = common.example_parser(__doc__)
     parser.add_argument("--epochs", type=float, default=8.0)
     args = parser.parse_args(argv)
     from transformers import AutoModelForSequenceClassification

@@ -205,7 +205,7 @@ def _model_contract(model_path: str | os.PathLike) -> tuple[Any, Contract]:
     return model, contract
 
 
-def _base_weight_reader(model: Any) -> Any:
+def base_weight_reader(model: Any) -> Any:
     """``module -> W [out, in]`` read lazily from the model's LinearSite (DoRA only)."""
     sites: dict[str, Any] | None = None
 
@@ -246,7 +246,7 @@ def convert_adapters(adapter: str | os.PathLike, model_path: str | os.PathLike |
     target_dtype = numpy_dtype(dtype)
     if adapter.is_dir():
         config, peft_tensors = read_peft_adapter(adapter, allow_pickle=allow_pickle)
-        reader = _base_weight_reader(model) if model is not None else None
+        reader = base_weight_reader(model) if model is not None else None
         slots = peft_to_slots(config, peft_tensors, target_dtype, reader, contract, source=str(adapter))
         file_fingerprint = fingerprint
     else:

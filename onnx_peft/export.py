@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import logging
@@ -46,7 +47,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ from .errors import (
     require_torch,
 )
 from .export_spec import ExportSpec, _task_module_class, cache_tensors, export_spec, make_cache  # noqa: F401
+from .formats import suffix_for
 from .progress import progress
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ DTYPES = ("fp32", "fp16")
 MODEL_FILE = "model.onnx"
 INFO_FILE = "export_info.json"
 ADAPTER_DIR = "adapters"
-ADAPTER_SUFFIX = ".onnx_adapter"
+ADAPTER_SUFFIX = suffix_for("onnx_adapter")
 # Weights above this size go to model.onnx.data (protobuf refuses files over 2 GB).
 EXTERNAL_DATA_BYTES = 1 << 30
 
@@ -287,14 +289,17 @@ def union_targets(model: Any, adapters: Mapping[str, Path]) -> tuple[list[str], 
             raise AdapterConfigError(
                 f"{path}: DoRA adapters cannot share a slot model yet; export them with mode='merged'"
             )
+        if config.target_modules == "all-linear":  # resolved as get_peft_model resolves it
+            from .model import linear_module_names
+
+            config = dataclasses.replace(config, target_modules=linear_module_names(model))
         configs[name] = config
     layer_types = _adapter_layer_types()
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     targets, conv1d, max_rank = [], False, 1
     for path, module in model.named_modules():
         if not path or not isinstance(module, layer_types):
             continue
-        hits = [c for c in configs.values() if _targets(c, path, module, output, is_target)]
+        hits = [c for c in configs.values() if is_target(path, c)]
         if hits:
             targets.append(path)
             conv1d |= type(module).__name__ == "Conv1D"
@@ -305,19 +310,6 @@ def union_targets(model: Any, adapters: Mapping[str, Path]) -> tuple[list[str], 
             f"{type(model).__name__}; were they trained on another model?"
         )
     return targets, max_rank, conv1d
-
-
-def _targets(config: Any, path: str, module: Any, output: Any, is_target: Callable) -> bool:
-    if config.target_modules == "all-linear":
-        torch = require_torch()
-        return module is not output and not isinstance(module, torch.nn.Embedding) and not _excluded(config, path)
-    return is_target(path, config)
-
-
-def _excluded(config: Any, path: str) -> bool:
-    from .targets import is_excluded
-
-    return is_excluded(path, config)
 
 
 _SEQ_CLS_HEADS = ("classifier", "score")  # PEFT adds these to modules_to_save for task_type SEQ_CLS

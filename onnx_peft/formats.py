@@ -52,6 +52,12 @@ _SUFFIXES: dict[str, AdapterFileFormat] = {
     ".safetensors": "safetensors",
     ".npz": "npz",
 }
+ADAPTER_FILE_SUFFIXES = tuple(_SUFFIXES)
+
+
+def suffix_for(format: str) -> str:
+    """The file suffix of an adapter file format: ``"npz"`` -> ``".npz"``."""
+    return next(suffix for suffix, name in _SUFFIXES.items() if name == format_for_path("", format))
 
 
 def format_for_path(path: str | os.PathLike, format: str | None = None) -> AdapterFileFormat:

@@ -14,9 +14,9 @@ from typing import Any
 
 from .config import CONFIG_NAME
 from .errors import OnnxPeftError
+from .formats import ADAPTER_FILE_SUFFIXES
 from .graph.contract import CONTRACT_KEY, read_contract
 
-_ADAPTER_SUFFIXES = (".onnx_adapter", ".safetensors", ".npz")
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 
 
@@ -27,17 +27,17 @@ def inspect_path(path: str | os.PathLike) -> dict[str, Any]:
         if (path / CONFIG_NAME).is_file():
             return inspect_peft_dir(path)
         if (path / "model.onnx").is_file():
-            adapters = sorted(p for p in (path / "adapters").glob("*") if p.suffix in _ADAPTER_SUFFIXES)
+            adapters = sorted(p for p in (path / "adapters").glob("*") if p.suffix in ADAPTER_FILE_SUFFIXES)
             return {"kind": "deploy_dir", "path": str(path),
                     "model": inspect_model(path / "model.onnx"),
                     "adapters": {p.stem: inspect_adapter_file(p) for p in adapters}}
         raise OnnxPeftError(f"{path}: neither a PEFT adapter dir ({CONFIG_NAME}) nor a deploy dir (model.onnx)")
     if path.suffix == ".onnx":
         return inspect_model(path)
-    if path.suffix in _ADAPTER_SUFFIXES:
+    if path.suffix in ADAPTER_FILE_SUFFIXES:
         return inspect_adapter_file(path)
     raise OnnxPeftError(
-        f"{path}: cannot inspect; pass an .onnx model, an adapter file ({', '.join(_ADAPTER_SUFFIXES)}) "
+        f"{path}: cannot inspect; pass an .onnx model, an adapter file ({', '.join(ADAPTER_FILE_SUFFIXES)}) "
         "or a directory"
     )
 

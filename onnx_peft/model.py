@@ -49,7 +49,7 @@ def peft_key(param_name: str, adapter_name: str) -> str:
     return key
 
 
-def _linear_module_names(model: nn.Module) -> list[str]:
+def linear_module_names(model: nn.Module) -> list[str]:
     """Last-name components of every Linear/Conv1D except the output head ("all-linear")."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = set()
@@ -129,7 +129,7 @@ class PeftModel(nn.Module):
         config = dataclasses.replace(peft_config)
         model = self.base_model.model
         if config.target_modules == "all-linear":
-            config.target_modules = _linear_module_names(model)
+            config.target_modules = linear_module_names(model)
         if config.target_modules is None:
             raise AdapterConfigError("LoraConfig.target_modules is required (a list, a regex or 'all-linear')")
         if config.task_type == "SEQ_CLS":

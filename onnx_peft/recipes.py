@@ -266,14 +266,13 @@ def _save(model: Any, path: Path, passes: list[Any]) -> Path:
 
 def _write_adapter_files(passes: list[Any], state: RecipeState) -> None:
     """Side outputs of graph passes: the adapters that left the graph, as adapter files."""
-    from .formats import save_adapter_file
+    from .formats import save_adapter_file, suffix_for
     from .passes.extract_adapters import ExtractAdapters
     from .passes.insert_adapters import InsertAdapters, adapter_file_tensors
 
     for graph_pass in passes:
         if isinstance(graph_pass, ExtractAdapters) and graph_pass.tensors:
-            suffix = {"onnx_adapter": ".onnx_adapter", "safetensors": ".safetensors", "npz": ".npz"}
-            path = state.output_dir / "adapters" / f"extracted{suffix[graph_pass.save_format]}"
+            path = state.output_dir / "adapters" / f"extracted{suffix_for(graph_pass.save_format)}"
             state.adapter_files["extracted"] = save_adapter_file(
                 path, graph_pass.tensors, graph_pass.contract.fingerprint, graph_pass.save_format)
         if isinstance(graph_pass, InsertAdapters) and graph_pass.mode == "slots":

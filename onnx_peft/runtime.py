@@ -304,7 +304,7 @@ class AdapterSession:
 
     def _read_peft_dir(self, path: Path) -> dict[str, np.ndarray]:
         """A PEFT adapter dir converted to this model's slots (A^T, (s B)^T, the model's dtype)."""
-        from .convert import _base_weight_reader, peft_to_slots
+        from .convert import base_weight_reader, peft_to_slots
         from .formats import read_peft_adapter
 
         config, tensors = read_peft_adapter(path)
@@ -315,7 +315,7 @@ class AdapterSession:
             if reader is None:
                 from .graph.io import load_model
 
-                reader = _base_weight_reader(load_model(self.model_path))
+                reader = base_weight_reader(load_model(self.model_path))
             return reader(module)
 
         dtype = self.contract.slots[0].dtype if self.contract.slots else "float32"

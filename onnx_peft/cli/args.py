@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import OnnxPeftError
-
-_FILE_SUFFIXES = (".onnx_adapter", ".safetensors", ".npz")
+from ..formats import ADAPTER_FILE_SUFFIXES
 
 
 def parse_named_paths(values: list[str]) -> dict[str, str]:
@@ -20,7 +19,7 @@ def parse_named_paths(values: list[str]) -> dict[str, str]:
         if not sep or "/" in name or "\\" in name:
             path = value
             plain = Path(value.rstrip("/\\"))
-            name = plain.stem if plain.suffix in _FILE_SUFFIXES else plain.name
+            name = plain.stem if plain.suffix in ADAPTER_FILE_SUFFIXES else plain.name
         if not name or not path:
             raise OnnxPeftError(f"--adapter {value!r}: expected [NAME=]PATH")
         if name in named:

@@ -65,6 +65,7 @@ import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
 from ..errors import IncompatibleAdapterError, NoAdapterSitesError, OnnxPeftError
+from ..formats import suffix_for
 from ..graph.branch import graft_slot_branch
 from ..graph.contract import (
     FULL_WEIGHT_METHOD,
@@ -85,7 +86,6 @@ A_SLOT = "lora_A.weight"
 B_SLOT = "lora_B.weight"
 DORA_SLOT = "dora_factor"
 SAVE_FORMATS = ("onnx_adapter", "safetensors", "npz")
-_SUFFIX = {"onnx_adapter": ".onnx_adapter", "safetensors": ".safetensors", "npz": ".npz"}
 PACKED_PREFIX = "packed_adapters"
 PACKING_KEY = "onnx_peft.packing"
 EXTERNAL_KEY = "onnx_peft.external_adapters"
@@ -486,7 +486,7 @@ def extract_adapters(model_path: str | os.PathLike, output_dir: str | os.PathLik
     model = load_model(model_path)
     extract(model)
     out_model = output_dir / model_path.name
-    adapter_path = output_dir / (model_path.stem + _SUFFIX[extract.save_format])
+    adapter_path = output_dir / (model_path.stem + suffix_for(extract.save_format))
     save_extracted_model(model, out_model, extract)
     _write_adapter_file(adapter_path, extract.tensors, extract.contract.fingerprint, extract.save_format)
     return out_model, adapter_path

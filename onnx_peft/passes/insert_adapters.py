@@ -42,7 +42,7 @@ from ..convert import (
     lora_slot_tensors,
 )
 from ..errors import CheckpointError, IncompatibleAdapterError, NoAdapterSitesError
-from ..formats import read_peft_adapter, save_adapter_file
+from ..formats import read_peft_adapter, save_adapter_file, suffix_for
 from ..graph.branch import graft_slot_branch
 from ..graph.contract import (
     Contract,
@@ -292,7 +292,7 @@ def insert_adapters(base_model_path: str | os.PathLike, adapters: Mapping[str, s
                  for name, a in insert.adapters.items()}
     output_dir.mkdir(parents=True, exist_ok=True)
     model_path = save_model(result.model, output_dir / "model.onnx")
-    suffix = {"onnx_adapter": ".onnx_adapter", "safetensors": ".safetensors", "npz": ".npz"}[adapter_format]
+    suffix = suffix_for(adapter_format)
     for name, tensors in files.items():
         save_adapter_file(output_dir / "adapters" / f"{name}{suffix}", tensors, contract.fingerprint)
     return model_path
