@@ -33,6 +33,13 @@ __all__ = ["AdapterConfig", "LoraConfig", "OnnxPeftError", "export", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
+    if name.endswith("Config") and name not in _LAZY:  # every method's config: IA3Config, LoHaConfig...
+        from .methods import config_classes
+
+        found = config_classes().get(name)
+        if found is not None:
+            globals()[name] = found
+            return found
     if name not in _LAZY:
         raise AttributeError(f"module 'onnx_peft' has no attribute {name!r}")
     module_name, needs_torch = _LAZY[name]

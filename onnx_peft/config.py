@@ -51,7 +51,9 @@ def config_class(peft_type: str) -> type[AdapterConfig]:
 
 
 def _load_method_modules() -> None:
-    from . import methods  # noqa: F401  (registers every method's config)
+    from .methods import _load_all
+
+    _load_all()  # registers every method's config
 
 
 @dataclass

@@ -22,15 +22,18 @@ from torch import nn
 from .checkpoint import load_adapter_weights, save_adapter_dir
 from .config import AdapterConfig
 from .errors import AdapterConfigError, CheckpointError, OnnxPeftError
-from .methods.lora import LoraConfig
+from .methods.base import layer_attrs, method_for
 from .targets import is_target
 from .tuners.base import AdapterLayer, ModulesToSaveWrapper
-from .tuners.lora import LoraLayer, add_lora_adapter, make_lora_layer
 
-# The per-adapter containers whose state-dict keys carry the adapter name; PEFT drops it.
-_ADAPTER_ATTRS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
-                  "modules_to_save")
 _SEQ_CLS_HEADS = ["classifier", "score"]
+
+
+@functools.cache
+def _adapter_attrs() -> tuple[str, ...]:
+    """The per-adapter containers whose state-dict keys carry the adapter name (PEFT drops it):
+    every method's ``layer_attrs`` and ``modules_to_save``."""
+    return (*layer_attrs(), "modules_to_save")
 
 
 def peft_key(param_name: str, adapter_name: str) -> str:
@@ -42,7 +45,7 @@ def peft_key(param_name: str, adapter_name: str) -> str:
     """
     key = param_name.replace(f".lora_magnitude_vector.{adapter_name}.weight", ".lora_magnitude_vector")
     key = key.replace(f".modules_to_save.{adapter_name}.", ".")
-    for attr in _ADAPTER_ATTRS:
+    for attr in _adapter_attrs():
         key = key.replace(f".{attr}.{adapter_name}.", f".{attr}.")
         if key.endswith(f".{attr}.{adapter_name}"):
             key = key[: -len(adapter_name) - 1]
@@ -71,6 +74,17 @@ class AdapterModel(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        # verbs a method adds to the tuner model (AdaLoRA's update_and_allocate), by name
+        self.model_methods: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            methods = self.__dict__.get("model_methods", {})
+            if name in methods:
+                return functools.partial(methods[name], self)
+            raise
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -124,21 +138,29 @@ class PeftModel(nn.Module):
         """Inject a new adapter (inactive unless it is the first)."""
         if adapter_name in self.peft_config:
             raise AdapterConfigError(f"adapter {adapter_name!r} already exists; delete it or pick another name")
-        if not isinstance(peft_config, LoraConfig):
-            raise AdapterConfigError(f"{type(peft_config).__name__} has no PyTorch tuner in onnx-peft yet")
+        method = method_for(peft_config)
+        others = {c.peft_type for c in self.peft_config.values()} - {peft_config.peft_type}
+        if others:
+            raise AdapterConfigError(
+                f"adapter {adapter_name!r} is {peft_config.peft_type} but this model holds {sorted(others)[0]} "
+                "adapters; one PeftModel holds adapters of one method, as in PEFT")
         config = dataclasses.replace(peft_config)
         model = self.base_model.model
-        if config.target_modules == "all-linear":
+        if getattr(config, "target_modules", None) == "all-linear":
             config.target_modules = linear_module_names(model)
-        if config.target_modules is None:
-            raise AdapterConfigError("LoraConfig.target_modules is required (a list, a regex or 'all-linear')")
+        if getattr(config, "target_modules", None) is None:
+            raise AdapterConfigError(
+                f"{type(config).__name__}.target_modules is required (a list, a regex or 'all-linear')")
         if config.task_type == "SEQ_CLS":
             extra = [h for h in _SEQ_CLS_HEADS if h not in (config.modules_to_save or [])]
             config.modules_to_save = list(config.modules_to_save or []) + extra
             if peft_config.target_modules == "all-linear":  # the head trains whole, not as LoRA
                 config.target_modules = [t for t in config.target_modules if t not in config.modules_to_save]
+        tuner = method.tuner()
         try:
-            if not self._inject(model, adapter_name, config):
+            if hasattr(tuner, "before_inject"):  # shared state (VeRA's projections) on base_model
+                tuner.before_inject(self.base_model, adapter_name, config)
+            if not self._inject(model, adapter_name, config, tuner):
                 raise AdapterConfigError(
                     f"target modules {config.target_modules!r} matched no supported module of "
                     f"{type(model).__name__}; check the names with model.named_modules()"
@@ -149,7 +171,7 @@ class PeftModel(nn.Module):
         self.peft_config[adapter_name] = config
         self.set_adapter(self.active_adapters or [adapter_name])
 
-    def _inject(self, model: nn.Module, adapter_name: str, config: LoraConfig) -> int:
+    def _inject(self, model: nn.Module, adapter_name: str, config: AdapterConfig, tuner: Any) -> int:
         matched = 0
         for key, module in list(model.named_modules()):
             if not key or self._is_inside_tuner(model, key):
@@ -164,10 +186,10 @@ class PeftModel(nn.Module):
                 continue
             if not is_target(key, config):
                 continue
-            if isinstance(module, LoraLayer):
-                add_lora_adapter(module, adapter_name, config, key)
+            if isinstance(module, tuner.Layer):
+                tuner.add_adapter(module, adapter_name, config, key)
             else:
-                self._replace(model, key, make_lora_layer(module, adapter_name, config, key))
+                self._replace(model, key, tuner.make_layer(module, adapter_name, config, key))
             matched += 1
         return matched
 
@@ -207,14 +229,14 @@ class PeftModel(nn.Module):
         if not trainable:
             return
         for name in names:
-            bias = self.peft_config[name].bias
+            bias = getattr(self.peft_config[name], "bias", "none")
             if bias == "all":
                 for pname, param in self.base_model.model.named_parameters():
                     if pname.endswith(".bias") or pname == "bias":
                         param.requires_grad_(True)
             elif bias == "lora_only":
                 for _, layer in self._layers():
-                    if isinstance(layer, LoraLayer) and name in layer.r and layer.bias is not None:
+                    if isinstance(layer, AdapterLayer) and name in layer.adapter_names() and layer.bias is not None:
                         layer.bias.requires_grad_(True)
 
     @contextlib.contextmanager
@@ -320,15 +342,16 @@ class PeftModel(nn.Module):
         """The tensors of one adapter under PEFT's checkpoint keys."""
         config = self.peft_config[adapter_name]
         owned = {}
+        bias = getattr(config, "bias", "none")
         lora_biases = {f"base_model.model.{k}.base_layer.bias" for k, layer in self._layers()
-                       if isinstance(layer, LoraLayer) and adapter_name in layer.r}
+                       if isinstance(layer, AdapterLayer) and adapter_name in layer.adapter_names()}
         for name, tensor in self.state_dict().items():
-            marker = any(f".{attr}.{adapter_name}" in name for attr in _ADAPTER_ATTRS)
+            marker = any(f".{attr}.{adapter_name}" in name for attr in _adapter_attrs())
             if marker and (name.endswith(f".{adapter_name}") or f".{adapter_name}." in name):
                 owned[peft_key(name, adapter_name)] = tensor
-            elif config.bias == "all" and name.endswith(".bias") and not _is_adapter_param(name):
+            elif bias == "all" and name.endswith(".bias") and not _is_adapter_param(name):
                 owned[name.replace(".original_module.", ".")] = tensor
-            elif config.bias == "lora_only" and name in lora_biases:
+            elif bias == "lora_only" and name in lora_biases:
                 owned[name] = tensor
         return owned
 
@@ -347,9 +370,9 @@ class PeftModel(nn.Module):
             return {}
         out: dict[str, torch.Tensor] = {}
         for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
-            if layer is None or (targeted and not isinstance(layer, LoraLayer)):
+            if layer is None or (targeted and not isinstance(layer, AdapterLayer)):
                 continue  # targeted: only the wrapped embeddings' base weights, as PEFT does
-            source = layer.base_layer if isinstance(layer, LoraLayer) else layer
+            source = layer.base_layer if isinstance(layer, AdapterLayer) else layer
             name = next(n for n, m in model.named_modules() if m is source)
             out.update({f"base_model.model.{name}.{k}": v for k, v in source.state_dict().items()})
         return out
@@ -408,11 +431,11 @@ class PeftModel(nn.Module):
 
     def _undo_base_init(self, adapter_name: str) -> None:
         """PiSSA/OLoRA moved ``s * B0 @ A0`` out of the base weights; put it back (failed load)."""
-        init = self.peft_config[adapter_name].init_lora_weights
+        init = getattr(self.peft_config[adapter_name], "init_lora_weights", None)
         if not isinstance(init, str) or init == "gaussian":
             return
         for _, layer in self._layers():
-            if isinstance(layer, LoraLayer) and adapter_name in layer.r:
+            if isinstance(layer, AdapterLayer) and adapter_name in layer.adapter_names():
                 layer.merge([adapter_name])
                 layer.merged_adapters.remove(adapter_name)
 
@@ -450,10 +473,10 @@ def _to_torch(value: Any) -> torch.Tensor:
     return torch.from_numpy(value.copy())
 
 
-def _targets_embedding_by_name(config: LoraConfig, model: nn.Module) -> bool:
+def _targets_embedding_by_name(config: AdapterConfig, model: nn.Module) -> bool:
     """PEFT's "auto" rule: target_modules names ``embed_tokens`` or ``lm_head``."""
     names = ("embed_tokens", "lm_head")
-    targets = config.target_modules
+    targets = getattr(config, "target_modules", None)
     if isinstance(targets, str):
         return any(re.fullmatch(targets, key) for key, _ in model.named_modules()
                    if any(re.match(rf"(.*\.)?{n}$", key) for n in names))
@@ -461,7 +484,7 @@ def _targets_embedding_by_name(config: LoraConfig, model: nn.Module) -> bool:
 
 
 def _is_adapter_param(name: str) -> bool:
-    return any(f".{attr}." in name for attr in _ADAPTER_ATTRS)
+    return any(f".{attr}." in name for attr in _adapter_attrs())
 
 
 def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default",

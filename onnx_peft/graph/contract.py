@@ -64,8 +64,10 @@ def strip_peft_prefix(key: str) -> str:
 class Slot:
     """One adapter tensor the model accepts. ``shape`` holds ints and symbolic dim names.
 
-    ``layout``: how a full-weight (``modules_to_save``) weight slot is oriented, ``"in_out"``
-    or ``"out_in"``; ``""`` for tensors with one orientation (LoRA slots, biases).
+    ``method``: the branch form the slot belongs to (methods/forms.py: ``lora``, ``dora``,
+    ``ia3_out``, ...) or ``modules_to_save``. ``layout``: how a full-weight weight slot is
+    oriented, ``"in_out"`` or ``"out_in"``; ``""`` otherwise. ``default``: the no-op value
+    (``zeros`` with symbolic dims at 0, ``ones``, ``identity``; ``base`` for full weights).
     """
 
     name: str
@@ -74,6 +76,16 @@ class Slot:
     module: str
     method: str = "lora"
     layout: str = ""
+    default: str = ""
+
+    @property
+    def default_kind(self) -> str:
+        """``default``, or what contracts written before it was recorded meant."""
+        if self.default:
+            return self.default
+        if self.method == FULL_WEIGHT_METHOD:
+            return "base"
+        return "ones" if self.name.endswith(".dora_factor") else "zeros"
 
     def fits(self, shape: Iterable[int]) -> bool:
         shape = tuple(shape)
@@ -109,10 +121,11 @@ class Contract:
 
 
 def _slot_json(slot: Slot) -> dict[str, Any]:
-    """A slot as JSON; an empty ``layout`` is left out, so LoRA-only contracts read as before."""
+    """A slot as JSON; an empty ``layout``/``default`` is left out."""
     data = {**asdict(slot), "shape": list(slot.shape)}
-    if not data["layout"]:
-        del data["layout"]
+    for key in ("layout", "default"):
+        if not data[key]:
+            del data[key]
     return data
 
 
@@ -168,12 +181,11 @@ def check_adapter(contract: Contract, tensors: Mapping[str, tuple[tuple[int, ...
                 f"{source}: tensor {name!r} matches no slot of the model "
                 f"(the model has {len(slots)} slots, e.g. {next(iter(slots), 'none')!r})"
             )
-    by_module: dict[str, list[Slot]] = {}
+    groups: dict[tuple[str, str], list[Slot]] = {}  # a form's slots at a module come together
     for slot in contract.slots:
-        by_module.setdefault(slot.module, []).append(slot)
-    adapted = {slots[name].module for name in tensors}
-    for module in sorted(adapted):
-        for slot in by_module[module]:
+        groups.setdefault((slot.module, slot.method), []).append(slot)
+    for module, method in sorted({(slots[n].module, slots[n].method) for n in tensors}):
+        for slot in groups[(module, method)]:
             if slot.name not in tensors:
                 raise IncompatibleAdapterError(f"{source}: missing tensor {slot.name!r} for module {module}")
     ranks: dict[str, int] = {}

@@ -141,3 +141,68 @@ def dora_factor(base_weight: Any, delta: Any, magnitude: Any) -> Any:
     precomputes this factor at convert time from the base weight.
     """
     return magnitude / row_norm(base_weight + delta)
+
+
+# -- the method seam ---------------------------------------------------------------------------
+from .base import Method, register_method  # noqa: E402
+
+
+@register_method
+class LoraMethod(Method):
+    """LoRA/rsLoRA/DoRA on Linear and Conv1D: ``lora`` slots (A^T, (s B)^T), plus DoRA's factor."""
+
+    peft_type = "LORA"
+    config_class = LoraConfig
+    tuner_module = "onnx_peft.tuners.lora"
+    tensor_names = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_magnitude_vector.weight")
+    required_tensors = ("lora_A.weight", "lora_B.weight")
+    layer_attrs = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+    def features(self, config, module, parts):
+        a, b = parts["lora_A.weight"], parts["lora_B.weight"]
+        return (int(a.shape[1]), int(b.shape[0])) if a.ndim == 2 and b.ndim == 2 else None
+
+    @staticmethod
+    def _magnitude(parts):
+        m = parts.get("lora_magnitude_vector", parts.get("lora_magnitude_vector.weight"))
+        return None if m is None else m.reshape(-1)
+
+    def _checked(self, config, module, parts):
+        a, b = parts["lora_A.weight"], parts["lora_B.weight"]
+        rank = config.rank_for(module)
+        if a.ndim != 2 or b.ndim != 2:
+            from ..errors import IncompatibleAdapterError
+
+            raise IncompatibleAdapterError(
+                f"module {module} has LoRA A of shape {list(a.shape)}; only linear layers (2-D A and B) "
+                "can be inserted or converted (merge conv/embedding adapters with export mode='merged')")
+        if a.shape[0] != rank or b.shape[1] != rank:
+            from ..errors import IncompatibleAdapterError
+
+            raise IncompatibleAdapterError(
+                f"module {module} has A {list(a.shape)} and B {list(b.shape)} but the config says r={rank}; "
+                "the adapter_config.json does not belong to these weights")
+        return a, b
+
+    def merged_weight(self, config, module, weight, bias, parts, shared):
+        a, b = parts["lora_A.weight"], parts["lora_B.weight"]
+        delta = lora_delta_weight(a, b, config.scaling_for(module))
+        magnitude = self._magnitude(parts)
+        if magnitude is None:
+            return weight + delta, bias
+        return dora_weight(weight, delta, magnitude), bias
+
+    def slot_tensors(self, config, module, parts, shared, base_weight):
+        a, b = (np.asarray(t, np.float32) for t in self._checked(config, module, parts))
+        scale = config.scaling_for(module)
+        out = {"lora": {"lora_A.weight": np.ascontiguousarray(a.T),
+                        "lora_B.weight": np.ascontiguousarray((b * scale).T)}}
+        magnitude = self._magnitude(parts)
+        if magnitude is not None or config.use_dora:
+            if magnitude is None:
+                from ..errors import CheckpointError
+
+                raise CheckpointError(f"DoRA module {module} has no lora_magnitude_vector")
+            delta = lora_delta_weight(a, b, scale)
+            out["dora"] = {"dora_factor": dora_factor(base_weight(), delta, np.asarray(magnitude, np.float32))}
+        return out

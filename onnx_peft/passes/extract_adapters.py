@@ -111,10 +111,12 @@ def slot_tensors(branch: AdapterBranch, dtype: np.dtype) -> dict[str, np.ndarray
 
 
 def slot_default(slot: Slot) -> np.ndarray:
-    """What a slot holds when nothing is fed: rank 0 (A ``[in, 0]``, B ``[0, out]``) or DoRA ones."""
-    if slot.name.endswith(DORA_SLOT):
-        return np.ones([int(d) for d in slot.shape], np.dtype(slot.dtype))
-    return np.zeros([d if isinstance(d, int) else 0 for d in slot.shape], np.dtype(slot.dtype))
+    """What a slot holds when nothing is fed: symbolic dims at 0 (rank 0: A ``[in, 0]``), ones
+    (DoRA's factor, IA3) or identity blocks (rotations)."""
+    from ..methods.forms import default_array
+
+    shape = tuple(d if isinstance(d, int) else 0 for d in slot.shape)
+    return default_array(shape, slot.default_kind, np.dtype(slot.dtype))
 
 
 # -- packing -----------------------------------------------------------------------------------
@@ -245,7 +247,7 @@ class ExtractAdapters(InPlacePass):
         for module, branch in branches.items():
             tensors = slot_tensors(branch, branch.base.weight.const_value.dtype.numpy())
             self.slot_arrays.update(tensors)
-            slots.extend(self._slot(name, array, module, branch.method) for name, array in tensors.items())
+            slots.extend(self._slot(name, array, module) for name, array in tensors.items())
         for site in full_sites.values():
             for slot, array in self._full_weight_slots(site):
                 self.slot_arrays[slot.name] = array
@@ -369,13 +371,15 @@ class ExtractAdapters(InPlacePass):
 
     # -- building -------------------------------------------------------------------------------
 
-    def _slot(self, name: str, array: np.ndarray, module: str, method: str) -> Slot:
+    def _slot(self, name: str, array: np.ndarray, module: str) -> Slot:
+        """The slot of one extracted tensor: the ``lora`` form's A/B, or the ``dora`` form's factor."""
+        method, default = ("dora", "ones") if name.endswith(DORA_SLOT) else ("lora", "zeros")
         shape: tuple[int | str, ...] = tuple(int(d) for d in array.shape)
         if self.make_inputs and name.endswith(A_SLOT):
             shape = (shape[0], rank_dim(module))
         elif self.make_inputs and name.endswith(B_SLOT):
             shape = (rank_dim(module), shape[1])
-        return Slot(name, array.dtype.name, shape, module, method)
+        return Slot(name, array.dtype.name, shape, module, method, default=default)
 
     def _input(self, graph: ir.Graph, name: str, shape: tuple, default: np.ndarray) -> ir.Value:
         """A graph input; with ``optional_inputs`` its initializer default too."""
@@ -426,12 +430,16 @@ class ExtractAdapters(InPlacePass):
         return values
 
     def _rebuild(self, graph: ir.Graph, branch: AdapterBranch, values: dict[str, ir.Value]) -> None:
-        site, module = branch.base, branch.module
+        """Put the base output back in the old branch's place, drop the old branch, graft the slot one."""
+        site, module, old = branch.base, branch.module, branch.output
+        if old.is_graph_output():
+            index = list(graph.outputs).index(old)
+            graph.outputs[index] = site.output
+            old.name, site.output.name = f"{module}.adapter.old", old.name
+        old.replace_all_uses_with(site.output)
+        remove_dead(graph, [*branch.nodes, old.producer()])
         factor = values[slot_name(module, DORA_SLOT)] if branch.method != "lora" else None
-        graft_slot_branch(graph, site, values[slot_name(module, A_SLOT)], values[slot_name(module, B_SLOT)],
-                          factor, replace=branch.output, after=branch.add)
-        # the old branch, and (DoRA) the bias Add the new one bypasses, once nothing reads them
-        remove_dead(graph, [*branch.nodes, site.output.producer()])
+        graft_slot_branch(graph, site, values[slot_name(module, A_SLOT)], values[slot_name(module, B_SLOT)], factor)
 
 
 def _constant_use(node: ir.Node, index: int) -> tuple[ir.Node, int]:

@@ -363,3 +363,9 @@ def add_lora_adapter(layer: LoraLayer, adapter_name: str, config: LoraConfig, mo
         lora_dropout=float(config.lora_dropout), init_lora_weights=config.init_lora_weights,
         use_rslora=config.use_rslora, use_dora=config.use_dora,
     )
+
+
+# The tuner seam (see onnx_peft.methods.base): what PeftModel asks every method's torch module.
+Layer = LoraLayer
+make_layer = make_lora_layer
+add_adapter = add_lora_adapter
