@@ -1,22 +1,19 @@
 """convert-adapters: a PEFT adapter dir -> an adapter file that fits a model's slots.
 
-PEFT stores, per target module (``W: [out, in]``, ``x: [..., in]``)::
+The method of the adapter (``peft_type``, methods/base.py) turns its PEFT tensors into slot
+tensors of one or more branch forms (methods/forms.py); for LoRA, per target module
+(``W: [out, in]``, ``x: [..., in]``)::
 
-    lora_A.weight  A  [r, in]        lora_B.weight  B  [out, r]       y = x W^T + s (x A^T) B^T
+    PEFT:  lora_A.weight  A  [r, in]     lora_B.weight  B  [out, r]     y = x W^T + s (x A^T) B^T
+    slots: <module>.lora_A.weight   A^T  [in, r]     <module>.lora_B.weight   (s B)^T  [r, out]
 
-A slot model computes ``Add(x W^T, MatMul(MatMul(x, A_slot), B_slot))``, so we write::
-
-    <module>.lora_A.weight   A^T        [in, r]
-    <module>.lora_B.weight   (s B)^T    [r, out]      s from methods.lora (rank/alpha patterns, rsLoRA)
+Methods whose slots depend on the base weight (DoRA's factor ``m / ||W + s B A||_row``, HRA's
+folded reflections) read it from the model, one weight at a time.
 
 A module trained in full (PEFT ``modules_to_save``, e.g. ``base_model.model.classifier.weight``
 ``[out, in]`` and ``.bias`` ``[out]``) fills the model's full-weight slots ``<module>.weight`` /
 ``<module>.bias``, the weight transposed when the slot's layout is ``in_out``; an adapter without
 that module leaves the slots at their defaults (the base head).
-
-GPT-2's Conv1D (``fan_in_fan_out``) changes only the base weight's orientation, not A or B,
-so the slot tensors are the same. DoRA adds one ``[out]`` slot holding the per-channel factor
-``m / ||W + s B A||_row``, which needs the base weight: read from the model, one at a time.
 
 A file already written by ``olive convert-adapters`` (same names, already transposed and
 scaled) is passed through, checked against the model's contract when a model is given.
@@ -25,12 +22,14 @@ scaled) is passed through, checked against the model's contract when a model is 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .config import AdapterConfig
 from .errors import CheckpointError, IncompatibleAdapterError
 from .formats import (
     AdapterFileFormat,
@@ -43,19 +42,17 @@ from .graph.contract import (
     FULL_WEIGHT_METHOD,
     PEFT_PREFIX,
     Contract,
-    Slot,
     check_adapter,
     read_contract,
     slot_name,
     strip_peft_prefix,
 )
-from .methods.lora import LoraConfig, dora_factor, lora_delta_weight
-
-A_SUFFIX = "lora_A.weight"
-B_SUFFIX = "lora_B.weight"
-MAGNITUDE_SUFFIX = "lora_magnitude_vector"
+from .methods.base import AdapterTensors, Method, method_for
 
 _DTYPES = {"float32": np.float32, "fp32": np.float32, "float16": np.float16, "fp16": np.float16}
+
+BaseWeights = Callable[[str], np.ndarray]
+"""``module -> W [out, in]`` (float32); read only by methods whose slots need the base."""
 
 
 def numpy_dtype(dtype: str | np.dtype | type) -> np.dtype:
@@ -67,76 +64,54 @@ def numpy_dtype(dtype: str | np.dtype | type) -> np.dtype:
     return np.dtype(dtype)
 
 
-def group_peft_tensors(tensors: Mapping[str, np.ndarray], source: str = "adapter"
-                       ) -> dict[str, dict[str, np.ndarray]]:
-    """``{module path: {"lora_A.weight": A, "lora_B.weight": B, ["lora_magnitude_vector": m]}}``.
+@dataclass
+class PeftAdapter:
+    """A PEFT adapter read from disk: config, method, tensors by module (paths without PEFT's
+    ``base_model.model.`` prefix), and the slot tensors computed from them (cached)."""
 
-    Module paths lose PEFT's ``base_model.model.`` prefix, so they read like graph module paths.
-    Tensors of other kinds (embeddings, conv, biases) are refused, naming the key.
-    """
-    modules: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in tensors.items():
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        for suffix in (A_SUFFIX, B_SUFFIX, MAGNITUDE_SUFFIX, MAGNITUDE_SUFFIX + ".weight"):
-            if name.endswith("." + suffix):
-                kind = MAGNITUDE_SUFFIX if suffix.startswith(MAGNITUDE_SUFFIX) else suffix
-                modules.setdefault(name[: -len(suffix) - 1], {})[kind] = value
-                break
-        else:
-            raise IncompatibleAdapterError(
-                f"{source}: tensor {key!r} is not a LoRA A/B matrix of a linear layer; onnx-peft "
-                "converts LoRA/DoRA on Linear and Conv1D modules only (merge the others with PEFT), "
-                "and a Linear trained in full (modules_to_save) only against a model with a slot for "
-                "it (export(..., adapters=..., mode='inputs'), then pass that model)"
-            )
-    for module, parts in modules.items():
-        for needed in (A_SUFFIX, B_SUFFIX):
-            if needed not in parts:
-                raise CheckpointError(f"{source}: module {module} has no {needed}; the checkpoint is incomplete")
-        if parts[A_SUFFIX].ndim != 2 or parts[B_SUFFIX].ndim != 2:
-            raise IncompatibleAdapterError(
-                f"{source}: module {module} has LoRA A of shape {list(parts[A_SUFFIX].shape)}; only "
-                "linear layers (2-D A and B) can be inserted or converted"
-            )
-    return modules
+    name: str
+    source: str
+    config: AdapterConfig
+    method: Method
+    tensors: AdapterTensors
+    _slots: dict[str, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def read(cls, name: str, directory: str | os.PathLike, allow_pickle: bool = False) -> PeftAdapter:
+        config, tensors = read_peft_adapter(directory, allow_pickle=allow_pickle)
+        return cls.from_tensors(name, f"adapter {name!r} ({directory})", config, tensors)
+
+    @classmethod
+    def from_tensors(cls, name: str, source: str, config: AdapterConfig,
+                     tensors: Mapping[str, np.ndarray]) -> PeftAdapter:
+        method = method_for(config)
+        return cls(name, source, config, method, method.group(tensors, source))
+
+    @property
+    def modules(self) -> dict[str, dict[str, np.ndarray]]:
+        return self.tensors.modules
+
+    def slot_tensors(self, module: str, base_weight: Callable[[], np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+        """``{form: {slot suffix: float32 array}}`` of ``module`` (see Method.slot_tensors)."""
+        if module not in self._slots:
+            try:
+                self._slots[module] = self.method.slot_tensors(
+                    self.config, module, self.modules[module], self.tensors.shared, base_weight)
+            except IncompatibleAdapterError as exc:
+                raise IncompatibleAdapterError(f"{self.source}: {exc}") from exc
+        return self._slots[module]
+
+    def merged_weight(self, module: str, weight: Any, bias: Any) -> tuple[Any, Any]:
+        return self.method.merged_weight(self.config, module, weight, bias, self.modules[module],
+                                         self.tensors.shared)
 
 
-def lora_slot_tensors(module: str, parts: Mapping[str, np.ndarray], config: LoraConfig,
-                      dtype: Any = np.float32, source: str = "adapter") -> dict[str, np.ndarray]:
-    """Slot tensors of one module: A^T ``[in, r]`` and (s B)^T ``[r, out]`` in ``dtype``."""
-    lora_a = np.asarray(parts[A_SUFFIX], dtype=np.float32)
-    lora_b = np.asarray(parts[B_SUFFIX], dtype=np.float32)
-    rank = config.rank_for(module)
-    if lora_a.shape[0] != rank or lora_b.shape[1] != rank:
+def _no_base(source: str) -> BaseWeights:
+    def read(module: str) -> np.ndarray:
         raise IncompatibleAdapterError(
-            f"{source}: module {module} has A {list(lora_a.shape)} and B {list(lora_b.shape)} but the "
-            f"config says r={rank}; the adapter_config.json does not belong to these weights"
-        )
-    scale = config.scaling_for(module)
-    dtype = numpy_dtype(dtype)
-    return {
-        slot_name(module, A_SUFFIX): np.ascontiguousarray(lora_a.T).astype(dtype),
-        slot_name(module, B_SUFFIX): np.ascontiguousarray((lora_b * scale).T).astype(dtype),
-    }
-
-
-def dora_factor_for(module: str, parts: Mapping[str, np.ndarray], config: LoraConfig,
-                    base_weight_out_in: np.ndarray) -> np.ndarray:
-    """DoRA's ``m / ||W + s B A||_row`` (``[out]``, float32) for base ``W`` given as ``[out, in]``."""
-    lora_a = np.asarray(parts[A_SUFFIX], dtype=np.float32)
-    lora_b = np.asarray(parts[B_SUFFIX], dtype=np.float32)
-    delta = lora_delta_weight(lora_a, lora_b, config.scaling_for(module))
-    weight = np.asarray(base_weight_out_in, dtype=np.float32)
-    return dora_factor(weight, delta, np.asarray(parts[MAGNITUDE_SUFFIX], dtype=np.float32).reshape(-1))
-
-
-def _extra_dora_slot(contract: Contract, module: str) -> Slot | None:
-    """The contract's DoRA factor slot of ``module`` (the one that is neither A nor B), if any."""
-    for slot in contract.slots:
-        if slot.module == module and slot.method == "dora" and not slot.name.endswith(
-                (A_SUFFIX, B_SUFFIX)):
-            return slot
-    return None
+            f"{source}: module {module} needs the base weight for its slots (DoRA, HRA); pass the "
+            "model (--model) so it can be read")
+    return read
 
 
 def full_weight_tensors(tensors: Mapping[str, np.ndarray], contract: Contract | None, dtype: Any = np.float32
@@ -160,34 +135,39 @@ def full_weight_tensors(tensors: Mapping[str, np.ndarray], contract: Contract | 
     return full, rest
 
 
-def peft_to_slots(config: Any, tensors: Mapping[str, np.ndarray], dtype: Any = np.float32,
-                  base_weight: Any = None, contract: Contract | None = None,
-                  source: str = "adapter") -> dict[str, np.ndarray]:
-    """All slot tensors of a PEFT adapter (config + PEFT-keyed tensors).
+def adapter_slots(adapter: PeftAdapter, dtype: Any, base_weight: BaseWeights,
+                  module_map: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
+    """Every slot tensor of ``adapter``, named ``<graph module>.<suffix>`` (``module_map``: adapter
+    module path -> the graph's, identity when None), in ``dtype``."""
+    out: dict[str, np.ndarray] = {}
+    for module in sorted(adapter.modules):
+        target = module_map.get(module, module) if module_map is not None else module
+        forms = adapter.slot_tensors(module, lambda target=target: np.asarray(base_weight(target), np.float32))
+        for tensors in forms.values():
+            for suffix, array in tensors.items():
+                out[slot_name(target, suffix)] = np.ascontiguousarray(array).astype(dtype)
+    return out
 
-    ``base_weight(module) -> [out, in] array`` is needed for DoRA only; ``contract`` gives the
-    DoRA factor slot its name (the model defines it) and its full-weight (modules_to_save)
-    slots their layout.
+
+def peft_to_slots(config: AdapterConfig, tensors: Mapping[str, np.ndarray], dtype: Any = np.float32,
+                  base_weight: BaseWeights | None = None, contract: Contract | None = None,
+                  source: str = "adapter") -> dict[str, np.ndarray]:
+    """All slot tensors of a PEFT adapter (config + PEFT-keyed tensors), any method.
+
+    ``base_weight(module) -> [out, in] array`` is needed by methods whose slots depend on it;
+    ``contract`` gives full-weight (modules_to_save) slots their layout and shapes the slots
+    (a ``[out]`` factor stays ``[out]``).
     """
-    if not isinstance(config, LoraConfig):
-        raise IncompatibleAdapterError(
-            f"{source}: peft_type {config.peft_type} cannot be converted to slots; only LoRA/DoRA can"
-        )
-    slots, tensors = full_weight_tensors(tensors, contract, dtype)
-    for module, parts in sorted(group_peft_tensors(tensors, source).items()):
-        slots.update(lora_slot_tensors(module, parts, config, dtype, source))
-        if config.use_dora or MAGNITUDE_SUFFIX in parts:
-            if MAGNITUDE_SUFFIX not in parts:
-                raise CheckpointError(f"{source}: DoRA module {module} has no {MAGNITUDE_SUFFIX}")
-            slot = _extra_dora_slot(contract, module) if contract is not None else None
-            if slot is None or base_weight is None:
-                raise IncompatibleAdapterError(
-                    f"{source}: module {module} is DoRA, whose swappable form needs a model with a "
-                    "DoRA slot for it (export/extract the model with DoRA, then pass --model)"
-                )
-            factor = dora_factor_for(module, parts, config, base_weight(module))
-            slots[slot.name] = factor.astype(numpy_dtype(dtype)).reshape(
-                [d if isinstance(d, int) else -1 for d in slot.shape])
+    dtype = numpy_dtype(dtype)
+    slots, rest = full_weight_tensors(tensors, contract, dtype)
+    adapter = PeftAdapter.from_tensors("adapter", source, config, rest)
+    module_map = None
+    if contract is not None:
+        from .graph.modules import match_module
+
+        known = {s.module for s in contract.slots}
+        module_map = {m: match_module(m, known) or m for m in adapter.modules}
+    slots.update(adapter_slots(adapter, dtype, base_weight or _no_base(source), module_map))
     return slots
 
 

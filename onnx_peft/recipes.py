@@ -277,6 +277,7 @@ def _write_adapter_files(passes: list[Any], state: RecipeState) -> None:
                 path, graph_pass.tensors, graph_pass.contract.fingerprint, graph_pass.save_format)
         if isinstance(graph_pass, InsertAdapters) and graph_pass.mode == "slots":
             for name, adapter in graph_pass.adapters.items():
-                tensors = adapter_file_tensors(adapter, graph_pass.contract)
+                tensors = adapter_file_tensors(adapter, graph_pass.contract, graph_pass.base_weight,
+                                               graph_pass.module_maps.get(name))
                 path = state.output_dir / "adapters" / f"{name}.onnx_adapter"
                 state.adapter_files[name] = save_adapter_file(path, tensors, graph_pass.contract.fingerprint)

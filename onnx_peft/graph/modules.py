@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -400,3 +401,13 @@ def find_linear_sites(model: ir.Model) -> dict[str, LinearSite]:
 def _from_weight_is_real(path: str) -> bool:
     """Exporter-made names (``onnx::MatMul_42``, ``val_7``) say nothing about the module."""
     return not re.match(r"^(onnx::|val_\d)", path)
+
+
+def match_module(module: str, known: Iterable[str]) -> str | None:
+    """The graph's path for an adapter's module path: the same path, else the one path that
+    ends with it or that it ends with (an exporter's wrapper prefix, ``m.model.layers.0...``)."""
+    known = list(known)
+    if module in known:
+        return module
+    hits = [k for k in known if k.endswith("." + module) or module.endswith("." + k)]
+    return hits[0] if len(hits) == 1 else None

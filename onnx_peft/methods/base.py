@@ -66,6 +66,8 @@ class Method(abc.ABC):
     shared_names: ClassVar[tuple[str, ...]] = ()
     # Attribute names of the torch layer's per-adapter containers (for PEFT key mapping).
     layer_attrs: ClassVar[tuple[str, ...]] = ()
+    # True when merging changes the layer's bias too (IA3 scaling the output).
+    changes_bias: ClassVar[bool] = False
 
     @property
     def name(self) -> str:

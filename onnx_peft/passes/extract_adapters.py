@@ -79,7 +79,7 @@ from ..graph.contract import (
 )
 from ..graph.io import load_model, save_model, save_model_with_side_data
 from ..graph.modules import LinearSite, constant_array, find_linear_sites
-from ..graph.sites import AdapterBranch, find_adapter_branches, remove_dead
+from ..graph.sites import AdapterBranch, find_adapter_branches, remove_branch, remove_dead
 from ..methods.lora import dora_factor
 
 A_SLOT = "lora_A.weight"
@@ -431,13 +431,8 @@ class ExtractAdapters(InPlacePass):
 
     def _rebuild(self, graph: ir.Graph, branch: AdapterBranch, values: dict[str, ir.Value]) -> None:
         """Put the base output back in the old branch's place, drop the old branch, graft the slot one."""
-        site, module, old = branch.base, branch.module, branch.output
-        if old.is_graph_output():
-            index = list(graph.outputs).index(old)
-            graph.outputs[index] = site.output
-            old.name, site.output.name = f"{module}.adapter.old", old.name
-        old.replace_all_uses_with(site.output)
-        remove_dead(graph, [*branch.nodes, old.producer()])
+        site, module = branch.base, branch.module
+        remove_branch(graph, branch)
         factor = values[slot_name(module, DORA_SLOT)] if branch.method != "lora" else None
         graft_slot_branch(graph, site, values[slot_name(module, A_SLOT)], values[slot_name(module, B_SLOT)], factor)
 

@@ -24,8 +24,8 @@ from onnx_ir.passes import InPlacePass, PassResult
 
 from ..errors import IncompatibleAdapterError, NoAdapterSitesError
 from ..graph.io import load_model, save_model
-from ..graph.modules import LinearSite, find_linear_sites
-from ..graph.sites import AdapterBranch, find_adapter_branches, remove_branch
+from ..graph.modules import LinearSite, constant_array, find_linear_sites, match_module
+from ..graph.sites import AdapterBranch, find_adapter_branches, remove_branch, remove_dead
 from ..methods.lora import dora_weight, lora_delta_weight
 
 
@@ -84,12 +84,25 @@ def set_merged_weight(graph: ir.Graph, site: LinearSite,
     site.node.replace_input_with(1, value)
 
 
-def _match_module(module: str, sites: dict[str, LinearSite]) -> str | None:
-    """The site key for an adapter module path: exact, else the one unique suffix match."""
-    if module in sites:
-        return module
-    hits = [k for k in sites if k.endswith("." + module) or module.endswith("." + k)]
-    return hits[0] if len(hits) == 1 else None
+def set_merged_bias(graph: ir.Graph, site: LinearSite, merged_bias: Callable[[np.ndarray], np.ndarray]) -> None:
+    """Give ``site`` the bias ``merged_bias(b [out])`` (IA3 scales it), computed at save time."""
+    bias = site.bias
+    old = constant_array(bias) if bias is not None else None
+    if old is None:
+        return
+    consumer = site.node if site.node.op_type == "Gemm" else site.output.producer()
+    index = next(i for i, v in enumerate(consumer.inputs) if v is bias)
+    name = f"{site.module}.bias.merged"
+    dtype = ir.DataType.from_numpy(old.dtype)
+
+    def compute() -> ir.TensorProtocol:
+        return ir.tensor(np.asarray(merged_bias(old.astype(np.float32))).astype(old.dtype).reshape(old.shape), name=name)
+
+    value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(old.shape),
+                     const_value=ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(old.shape), name=name))
+    graph.register_initializer(value)
+    consumer.replace_input_with(index, value)
+    remove_dead(graph, [])
 
 
 class MergeAdapters(InPlacePass):
@@ -142,44 +155,41 @@ class MergeAdapters(InPlacePass):
             self.merged.append(module)
 
     def _merge_dir(self, model: ir.Model) -> None:
-        from ..convert import MAGNITUDE_SUFFIX, group_peft_tensors
-        from ..formats import read_peft_adapter
-        from ..methods.lora import LoraConfig
+        """Any method: ``Method.merged_weight`` applied to each target Linear, lazily."""
+        from ..convert import PeftAdapter
 
-        config, tensors = read_peft_adapter(self.adapter_dir)
+        adapter = PeftAdapter.read("adapter", self.adapter_dir)
         source = str(self.adapter_dir)
-        if not isinstance(config, LoraConfig):
-            raise IncompatibleAdapterError(f"{source}: peft_type {config.peft_type} cannot be merged; only LoRA/DoRA")
         if find_adapter_branches(model):
             raise IncompatibleAdapterError(
                 f"{source}: the model already has adapter branches; merge those first (no --adapter)"
             )
         sites = find_linear_sites(model)
-        modules = group_peft_tensors(tensors, source)
-        unmapped = [m for m in modules if _match_module(m, sites) is None]
+        unmapped = [m for m in adapter.modules if match_module(m, sites) is None]
         if unmapped:
             raise IncompatibleAdapterError(
                 f"{source}: {len(unmapped)} adapter target(s) match no Linear of the model, e.g. "
                 f"{', '.join(sorted(unmapped)[:3])}; the model has e.g. {', '.join(list(sites)[:3])}"
             )
-        for module, parts in sorted(modules.items()):
-            site = sites[_match_module(module, sites)]
-            a = np.asarray(parts["lora_A.weight"], np.float32)
-            b = np.asarray(parts["lora_B.weight"], np.float32)
-            if a.shape[1] != site.in_features or b.shape[0] != site.out_features:
+        for module in sorted(adapter.modules):
+            site = sites[match_module(module, sites)]
+            features = adapter.method.features(adapter.config, module, adapter.modules[module])
+            if features is not None and features != (site.in_features, site.out_features):
                 raise IncompatibleAdapterError(
-                    f"{source}: module {module} has A {list(a.shape)}, B {list(b.shape)} but the model's "
-                    f"Linear is {site.in_features} -> {site.out_features}"
+                    f"{source}: module {module} was trained on a {features[0]} -> {features[1]} layer but the "
+                    f"model's Linear is {site.in_features} -> {site.out_features}"
                 )
-            magnitude = parts.get(MAGNITUDE_SUFFIX)
 
-            def merged(w: np.ndarray, a: np.ndarray = a, b: np.ndarray = b, scale: float = config.scaling_for(module),
-                       m: np.ndarray | None = magnitude) -> np.ndarray:
-                delta = lora_delta_weight(a, b, scale)
-                if m is None:
-                    return w + delta
-                return dora_weight(w, delta, np.asarray(m, np.float32).reshape(-1))
+            def merged(w: np.ndarray, module: str = module) -> np.ndarray:
+                return np.asarray(adapter.merged_weight(module, w, None)[0])
 
+            if adapter.method.changes_bias and site.bias is not None:
+                weight = site.weight_out_in
+
+                def bias(b: np.ndarray, module: str = module, weight=weight) -> np.ndarray:
+                    return np.asarray(adapter.merged_weight(module, weight().astype(np.float32), b)[1])
+
+                set_merged_bias(model.graph, site, bias)
             set_merged_weight(model.graph, site, merged)
             self.merged.append(module)
 
