@@ -44,6 +44,7 @@ from .errors import (
     require_onnxruntime,
 )
 from .graph.contract import RANK_DIM, Contract, Slot, check_adapter, read_contract
+from .methods.forms import default_array
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,6 @@ class _Loaded:
     source: str
     arrays: dict[str, np.ndarray]
     values: dict[str, Any]
-    ranks: dict[str, int]
     row: int = 0  # bank row on MultiAdapter models; stable while loaded
     in_use: int = 0
     unloading: bool = False
@@ -98,10 +98,12 @@ class BankEntry:
 
     slot: str       # e.g. "model.layers.0.mlp.up_proj.lora_A.weight"
     bank: str       # e.g. "model.layers.0.mlp.up_proj.lora_A.bank"
-    kind: str       # "A": [N, in, r], "B": [N, r, out]; full weights "W": [N, in, out], "b": [N, out]
+    kind: str       # "slot": [N, *slot shape]; full weights "W": [N, in, out], "b": [N, out]
     module: str
     dims: tuple[int, int]  # (in, out) of the site
     dtype: str
+    shape: tuple[int | str, ...] = ()  # the slot's shape (symbolic dims zero-padded to the largest)
+    default: str = "zeros"             # what rows without this slot hold (methods.forms.default_array)
 
 
 @dataclass
@@ -124,7 +126,8 @@ class MultiLayout:
         import json
 
         data = json.loads(text)
-        banks = [BankEntry(**{**b, "dims": tuple(b["dims"])}) for b in data.get("banks", [])]
+        banks = [BankEntry(**{**b, "dims": tuple(b["dims"]), "shape": tuple(b.get("shape", ()))})
+                 for b in data.get("banks", [])]
         return cls(ids_input=data.get("ids_input", "adapter_ids"),
                    batch_input=data.get("batch_input", ""), banks=banks)
 
@@ -238,10 +241,7 @@ class AdapterSession:
                       fingerprint=fingerprint, source=label)
         if not tensors:
             raise IncompatibleAdapterError(f"{label}: holds no tensors")
-        slots = self.contract.slot_map()
         arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-        ranks = {slots[k].module: int(v.shape[-1] if k.endswith(_SLOT_SUFFIXES[0]) else v.shape[0])
-                 for k, v in arrays.items() if k.endswith(_SLOT_SUFFIXES)}
         feeds = arrays
         if self.packing:
             from .passes.extract_adapters import pack_adapter_tensors
@@ -252,7 +252,7 @@ class AdapterSession:
             keep = arrays if self.layout is not None else feeds  # banks: host arrays; CPU OrtValues share them
         else:
             keep = {}
-        loaded = _Loaded(name, label, keep, values, ranks)
+        loaded = _Loaded(name, label, keep, values)
         with self._lock:
             if name in self._adapters:
                 raise RuntimeSessionError(f"adapter {name!r} is already loaded; unload_adapter({name!r}) first")
@@ -352,8 +352,9 @@ class AdapterSession:
         return {n: np.array(initializers[n].const_value.numpy()[0]) for n in names}
 
     def _build_banks(self, adapters: Mapping[str, _Loaded]) -> _Banks:
-        """Banks for ``adapters``: row 0 and free rows zeros (full weights: the base tensors), each
-        adapter at its own row, ranks padded with zeros. Built from scratch, so runs holding the
+        """Banks for ``adapters``: row 0, free rows and rows of adapters without a slot hold its
+        no-op default (zeros, ones, identity; full weights: the base tensors), each adapter at its
+        own row, symbolic dims (ranks) padded with zeros. Built from scratch, so runs holding the
         previous snapshot are safe."""
         assert self.layout is not None
         order = list(adapters)
@@ -371,18 +372,13 @@ class AdapterSession:
                         bank[adapters[name].row] = tensor.T if slot is not None and slot.layout == "out_in" else tensor
                 values[entry.bank] = self._to_device(bank)
                 continue
-            r_max = max([adapters[n].ranks.get(entry.module, 0) for n in order], default=0)
-            d_in, d_out = entry.dims
-            shape = (size, d_in, r_max) if entry.kind == "A" else (size, r_max, d_out)
-            bank = np.zeros(shape, dtype=np.dtype(entry.dtype))
-            for name in order:
-                row, tensor = adapters[name].row, adapters[name].arrays.get(entry.slot)
-                if tensor is None:
-                    continue
-                if entry.kind == "A":
-                    bank[row, :, : tensor.shape[1]] = tensor
-                else:
-                    bank[row, : tensor.shape[0], :] = tensor
+            tensors = [(adapters[n].row, adapters[n].arrays[entry.slot]) for n in order
+                       if entry.slot in adapters[n].arrays]
+            dims = tuple(d if isinstance(d, int) else max([t.shape[axis] for _, t in tensors], default=0)
+                         for axis, d in enumerate(entry.shape))
+            bank = default_array((size, *dims), entry.default, np.dtype(entry.dtype))
+            for row, tensor in tensors:  # symbolic dims (ranks) zero-padded: exact for their forms
+                bank[(row, *(slice(0, d) for d in tensor.shape))] = tensor
             values[entry.bank] = self._to_device(bank)
         return _Banks({name: adapters[name].row for name in order}, values, size)
 

@@ -109,7 +109,7 @@ def graft(graph: ir.Graph, site: LinearSite, forms: Sequence[tuple[Form, Mapping
     graph.insert_after(y0.producer(), new_nodes)
     if y0.type is not None:  # TorchScript/Optimum exports may leave intermediate values untyped
         out.type = y0.type
-    out.shape = ir.Shape(y0.shape) if y0.shape is not None else None
+        out.shape = ir.Shape(y0.shape) if y0.shape is not None else None
     if y0.is_graph_output():  # keep the graph's output name: the new value takes it
         for i, value in enumerate(graph.outputs):
             if value is y0:
@@ -139,6 +139,8 @@ def ungraft(graph: ir.Graph, module: str) -> int:
             index = list(graph.outputs).index(out)
             graph.outputs[index] = original
             out.name, original.name = f"{module}.adapter.removed", out.name
+            if original.type is None:
+                original.type, original.shape = out.type, out.shape
         for user, index in list(out.uses()):
             if user not in nodes:
                 user.replace_input_with(index, original)

@@ -92,16 +92,16 @@ class IA3Method(Method):
     def scale(self, config: IA3Config, module: str, parts: Mapping[str, Any]) -> tuple[Any, bool]:
         """``(l as a vector, feedforward)`` of ``module``; the stored shape must agree with the
         config (``[1, in]`` feedforward, ``[out, 1]`` otherwise)."""
-        l = parts["ia3_l"]
+        vector = parts["ia3_l"]
         feedforward = config.is_feedforward(module)
         expected = "[1, in]" if feedforward else "[out, 1]"
-        ok = len(l.shape) == 2 and (l.shape[0] == 1 if feedforward else l.shape[1] == 1)
+        ok = len(vector.shape) == 2 and (vector.shape[0] == 1 if feedforward else vector.shape[1] == 1)
         if not ok:
             raise IncompatibleAdapterError(
-                f"module {module} has ia3_l of shape {list(l.shape)} but the config makes it "
+                f"module {module} has ia3_l of shape {list(vector.shape)} but the config makes it "
                 f"{'a feedforward' if feedforward else 'an output-scaling'} module ({expected}); "
                 "check feedforward_modules in adapter_config.json")
-        return l.reshape(-1), feedforward
+        return vector.reshape(-1), feedforward
 
     def merged_weight(self, config, module, weight, bias, parts, shared):
         scale, feedforward = self.scale(config, module, parts)

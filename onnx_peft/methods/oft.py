@@ -185,18 +185,28 @@ def coft_project(vec: Any, eps: float) -> Any:
     return vec * (limit / norm.clip(min=limit))[:, None]
 
 
-def oft_blocks(config: OFTConfig, vec: Any, n_blocks: int) -> Any:
-    """``oft_R.weight [rows, b(b-1)/2]`` -> the rotation blocks ``R [n_blocks, b, b]``
-    (one shared row is repeated ``n_blocks`` times)."""
-    if config.coft:
-        vec = coft_project(vec, config.eps)
-    terms = config.num_cayley_neumann_terms if config.use_cayley_neumann else None
+def neumann_terms(config: OFTConfig) -> int | None:
+    """The series length :func:`cayley` uses under ``config`` (None: the exact transform)."""
+    return config.num_cayley_neumann_terms if config.use_cayley_neumann else None
+
+
+def rotation_blocks(vec: Any, n_blocks: int, terms: int | None) -> Any:
+    """``vec [rows, b(b-1)/2]`` -> rotations ``R [n_blocks, b, b]`` (one shared row is
+    repeated ``n_blocks`` times). No COFT clipping: see :func:`oft_blocks`."""
     blocks = cayley(skew_symmetric(vec, block_size_of(vec.shape[-1])), terms)
     if blocks.shape[0] == n_blocks:
         return blocks
     if blocks.shape[0] != 1:
         raise IncompatibleAdapterError(f"OFT weight has {blocks.shape[0]} blocks, the layer needs {n_blocks}")
     return blocks[[0] * n_blocks]
+
+
+def oft_blocks(config: OFTConfig, vec: Any, n_blocks: int) -> Any:
+    """PEFT's ``oft_R.weight [rows, b(b-1)/2]`` -> ``R [n_blocks, b, b]`` under ``config``
+    (COFT-clipped first when ``config.coft``)."""
+    if config.coft:
+        vec = coft_project(vec, config.eps)
+    return rotation_blocks(vec, n_blocks, neumann_terms(config))
 
 
 def rotate_weight(weight: Any, blocks: Any) -> Any:

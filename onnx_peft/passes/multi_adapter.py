@@ -1,17 +1,21 @@
 """MultiAdapter: one adapter per batch row, in standard ONNX ops stock ONNX Runtime runs.
 
-Each adapter site of a slot model ``y = x W + (x A_slot) B_slot`` becomes a per-row branch::
+Each module of a slot model has a branch built from its forms (methods/forms.py, graft in
+graph/branch.py). This pass removes it and builds the same forms again, per row: every slot
+becomes a bank input holding one row per loaded adapter, gathered by the row's adapter id::
 
-    adapter_ids [batch] int64                         (0 = no adapter)
-    A_row = Gather(<module>.lora_A.bank [N, in, r], adapter_ids)    -> [batch, in, r]
-    B_row = Gather(<module>.lora_B.bank [N, r, out], adapter_ids)   -> [batch, r, out]
-    y = x W + MatMul(MatMul(x [batch, seq, in], A_row), B_row)      -> [batch, seq, out]
+    adapter_ids [batch] int64                              (0 = no adapter)
+    <module>.lora_A.bank [N, in, r]  -Gather(ids)->  A_row [batch, in, r]
+    y = x W + MatMul(MatMul(x [batch, seq, in], A_row), B_row)          (lora, per row)
+    y = x W * Unsqueeze(l_row, 1)                                       (ia3_out, per row)
 
-Banks hold every loaded adapter at its own row (scale folded into B as in the slots, smaller
-ranks padded with zeros, which adds exact zeros), so each row's output equals running that row
-alone with its adapter. The banks are optional inputs defaulting to ``[1, in, 0]`` zeros, so the
-model runs as the base with ``adapter_ids`` all 0 and nothing else. ``AdapterSession`` builds
-and refreshes the banks from its loaded adapters without re-creating the ORT session.
+Banks hold every loaded adapter at its own row (smaller ranks padded with zeros, which adds exact
+zeros; rows of adapters without a slot hold its no-op default), so each row's output equals
+running that row alone with its adapter. The banks are optional inputs defaulting to one no-op
+row, so the model runs as the base with ``adapter_ids`` all 0 and nothing else. Forms without a
+per-row form (``dense``: LoHa, LoKr, FourierFT) are refused: merge those adapters instead.
+``AdapterSession`` builds and refreshes the banks from its loaded adapters without re-creating
+the ORT session.
 
 A full-weight slot (a ``modules_to_save`` head: ``<module>.weight``, ``<module>.bias``) becomes
 banks of whole weights, the Linear computed per row::
@@ -25,8 +29,7 @@ fills rows of adapters without that module with the base tensors too.
 
 The model keeps its adapter-facing contract (the slots adapter files must fit) and records the
 bank layout under ``metadata_props["onnx_peft.multi_adapter"]`` (see ``runtime.MultiLayout``).
-Inputs of another rank than 3 (or of unknown rank) are reshaped to ``[batch, -1, in]`` around the
-branch and back. Needs only onnx_ir and numpy.
+Needs only onnx_ir and numpy.
 """
 
 from __future__ import annotations
@@ -38,11 +41,13 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import NoAdapterSitesError, OnnxPeftError
-from ..graph.contract import FULL_WEIGHT_METHOD, Slot, rank_dim, read_contract
+from ..graph.branch import graft, ungraft
+from ..graph.contract import FULL_WEIGHT_METHOD, Slot, read_contract
+from ..graph.modules import find_linear_sites
 from ..graph.sites import remove_dead
+from ..methods.forms import default_array, form
 from ..runtime import MULTI_ADAPTER_KEY, BankEntry, MultiLayout
 
-A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 BANK_ROWS = "num_adapters"
 
 
@@ -54,24 +59,8 @@ def _const(graph: ir.Graph, name: str, values: list[int]) -> ir.Value:
     return value
 
 
-def _b_node_of(a_node: ir.Node, b_slot: ir.Value) -> ir.Node:
-    """The MatMul that takes B_slot and (through scalar Mul/Identity/Cast) A's output."""
-    frontier, seen = [a_node.outputs[0]], set()
-    while frontier:
-        value = frontier.pop()
-        for user, _ in value.uses():
-            if id(user) in seen:
-                continue
-            seen.add(id(user))
-            if user.op_type == "MatMul" and user.inputs[1] is b_slot:
-                return user
-            if user.op_type in ("Mul", "Div", "Identity", "Cast", "Dropout"):
-                frontier.append(user.outputs[0])
-    raise NoAdapterSitesError(f"{a_node.name or a_node.op_type}: its lora_A MatMul does not lead to {b_slot.name}")
-
-
 class MultiAdapterPass(ir.passes.InPlacePass):
-    """Replace every slot pair (lora_A/lora_B inputs) by banks gathered per row.
+    """Rebuild every module's branch per row, its slot inputs replaced by banks.
 
     ``ids_input``: name of the ``[batch]`` int64 input of row adapter ids (0 = no adapter).
     """
@@ -87,11 +76,12 @@ class MultiAdapterPass(ir.passes.InPlacePass):
         if contract is None or not contract.slots:
             raise NoAdapterSitesError("the model has no adapter slots (no onnx-peft contract); run "
                                       "`onnx-peft extract` or `onnx-peft insert` first")
-        other = [s for s in contract.slots if not s.name.endswith((A_SUFFIX, B_SUFFIX))
-                 and s.method != FULL_WEIGHT_METHOD]
-        if other:
-            raise OnnxPeftError(f"slot {other[0].name!r} ({other[0].method}) has no per-row form; "
-                                "MultiAdapter supports LoRA slots (merge DoRA adapters instead)")
+        for slot in contract.slots:
+            if slot.method != FULL_WEIGHT_METHOD and not form(slot.method).per_row:
+                raise OnnxPeftError(
+                    f"module {slot.module} has {slot.method} slots (LoHa, LoKr, FourierFT: a dense weight per "
+                    "adapter), which have no per-row form; merge those adapters (onnx-peft merge) or serve "
+                    "them one per run")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -101,40 +91,38 @@ class MultiAdapterPass(ir.passes.InPlacePass):
         batch_input = next((v.name for v in graph.inputs if v.name not in slot_names), "")
         ids = ir.Value(name=self.ids_input, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch"]))
         layout = MultiLayout(ids_input=self.ids_input, batch_input=batch_input)
-        slots = contract.slot_map()
-        for a_slot in [s for s in contract.slots if s.name.endswith(A_SUFFIX)]:
-            b_name = a_slot.name[: -len(A_SUFFIX)] + B_SUFFIX
-            a_value, b_value = inputs.get(a_slot.name), inputs.get(b_name)
-            if a_value is None or b_value is None or b_name not in slots:
-                raise NoAdapterSitesError(f"slot pair {a_slot.name} / {b_name} is not a pair of graph inputs")
-            d_in, d_out = a_slot.shape[0], slots[b_name].shape[-1]
-            if not isinstance(d_in, int) or not isinstance(d_out, int):
-                raise OnnxPeftError(f"slot {a_slot.name}: in/out sizes must be fixed, got {a_slot.shape} / {slots[b_name].shape}")
-            dtype = a_value.dtype
-            np_dtype = dtype.numpy()
-            banks = {}
-            rank = rank_dim(a_slot.module)  # one rank dim per module, as in the slots
-            for kind, slot_value, shape, default in [
-                ("A", a_value, [BANK_ROWS, d_in, rank], (1, d_in, 0)),
-                ("B", b_value, [BANK_ROWS, rank, d_out], (1, 0, d_out)),
-            ]:
-                bank_name = slot_value.name[: -len(".weight")] + ".bank"
-                bank = ir.Value(name=bank_name, type=ir.TensorType(dtype), shape=ir.Shape(shape),
-                                const_value=ir.tensor(np.zeros(default, np_dtype), name=bank_name))
-                banks[kind] = bank
-                layout.banks.append(BankEntry(slot_value.name, bank_name, kind, a_slot.module, (d_in, d_out), np_dtype.name))
-            a_nodes = [user for user, index in a_value.uses() if user.op_type == "MatMul" and index == 1]
-            if not a_nodes:
-                raise NoAdapterSitesError(f"slot {a_slot.name} feeds no MatMul as its right operand")
-            for a_node in a_nodes:
-                self._rewire(graph, a_node, _b_node_of(a_node, b_value), ids, banks, a_slot.module, d_in)
-            for slot_value, bank in [(a_value, banks["A"]), (b_value, banks["B"])]:
-                if slot_value.uses():
-                    raise OnnxPeftError(f"slot {slot_value.name} has uses besides its adapter MatMuls")
-                graph.inputs.remove(slot_value)
-                graph.initializers.pop(slot_value.name, None)
-                graph.inputs.append(bank)
-                graph.register_initializer(bank)
+        by_module: dict[str, dict[str, list[Slot]]] = {}
+        for slot in contract.slots:
+            if slot.method != FULL_WEIGHT_METHOD:
+                by_module.setdefault(slot.module, {}).setdefault(slot.method, []).append(slot)
+        for module, forms in by_module.items():
+            missing = [s.name for slots in forms.values() for s in slots if s.name not in inputs]
+            if missing:
+                raise NoAdapterSitesError(f"slot {missing[0]} is not a graph input (packed or external "
+                                          "slots); extract with make_inputs and without pack_inputs")
+            if not ungraft(graph, module) and not _ungraft_untagged_lora(graph, module, forms, inputs):
+                raise NoAdapterSitesError(f"module {module}: its adapter branch is not one onnx-peft built, nor "
+                                          "Add(base, MatMul(MatMul(x, A), B)); insert the adapters again")
+        sites = find_linear_sites(model)
+        gathers: list[ir.Node] = []
+        for module, forms in sorted(by_module.items()):
+            site = sites.get(module)
+            if site is None:
+                raise NoAdapterSitesError(f"module {module}: no Linear with a constant weight left after "
+                                          "removing its branch")
+            built = []
+            for name, slots in forms.items():
+                values = {}
+                for slot in slots:
+                    bank, gathered = self._bank(graph, inputs[slot.name], slot, ids)
+                    gathers.append(gathered.producer())
+                    values[slot.name[len(module) + 1:]] = gathered
+                    layout.banks.append(BankEntry(slot.name, bank.name, "slot", module,
+                                                  (site.in_features, site.out_features), slot.dtype,
+                                                  slot.shape, slot.default_kind))
+                built.append((form(name), values))
+            graft(graph, site, built, batched=True)
+        graph.insert_before(graph[0], gathers)
         full: dict[str, dict[str, Slot]] = {}
         for slot in contract.slots:
             if slot.method == FULL_WEIGHT_METHOD:
@@ -144,6 +132,25 @@ class MultiAdapterPass(ir.passes.InPlacePass):
         graph.inputs.append(ids)
         model.metadata_props[MULTI_ADAPTER_KEY] = layout.to_json()
         return ir.passes.PassResult(model, modified=True)
+
+    @staticmethod
+    def _bank(graph: ir.Graph, slot_value: ir.Value, slot: Slot, ids: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """Replace slot input ``slot_value`` by a bank input ``[num_adapters, *shape]`` (default:
+        one no-op row); return the bank and its rows gathered by ``ids``."""
+        if slot_value.uses():
+            raise OnnxPeftError(f"slot {slot.name} has uses besides its adapter branch")
+        graph.inputs.remove(slot_value)
+        graph.initializers.pop(slot_value.name, None)
+        name = slot.name[: -len(".weight")] + ".bank" if slot.name.endswith(".weight") else slot.name + ".bank"
+        dtype = np.dtype(slot.dtype)
+        row = default_array(tuple(d if isinstance(d, int) else 0 for d in slot.shape), slot.default_kind, dtype)
+        bank = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(dtype)),
+                        shape=ir.Shape([BANK_ROWS, *slot.shape]), const_value=ir.tensor(row[None], name=name))
+        graph.inputs.append(bank)
+        graph.register_initializer(bank)
+        gather = ir.node("Gather", [bank, ids], {"axis": 0}, name=f"{name}/Gather")
+        gather.outputs[0].name = f"{name}/rows"
+        return bank, gather.outputs[0]
 
     def _full_weight_banks(self, graph: ir.Graph, module: str, parts: dict[str, Slot],
                            inputs: dict[str, ir.Value], ids: ir.Value, layout: MultiLayout) -> None:
@@ -226,36 +233,45 @@ class MultiAdapterPass(ir.passes.InPlacePass):
             graph.inputs.append(banks[kind])
             graph.register_initializer(banks[kind])
 
-    def _rewire(self, graph: ir.Graph, a_node: ir.Node, b_node: ir.Node, ids: ir.Value,
-                banks: dict[str, ir.Value], module: str, d_in: int) -> None:
-        gathered = {}
-        for kind in ("A", "B"):
-            gather = ir.node("Gather", [banks[kind], ids], {"axis": 0}, name=f"{banks[kind].name}/Gather")
-            gather.outputs[0].name = f"{banks[kind].name}/rows"
-            graph.insert_before(a_node, gather)
-            gathered[kind] = gather.outputs[0]
-        x = a_node.inputs[0]
-        if x.shape is None or len(x.shape) != 3:
-            # any other rank (or unknown): x -> [batch, -1, in], branch, then back to x's lead dims
-            prefix = f"{module}/multi_adapter"
-            flat = ir.node("Reshape", [x, _const(graph, f"multi_adapter/shape_0_-1_{d_in}", [0, -1, d_in])],
-                           name=f"{prefix}/Reshape_in")
-            shape = ir.node("Shape", [x], name=f"{prefix}/Shape")
-            lead = ir.node("Slice", [shape.outputs[0], _const(graph, "multi_adapter/zero", [0]),
-                                     _const(graph, "multi_adapter/minus_one", [-1])], name=f"{prefix}/Slice")
-            graph.insert_before(a_node, [flat, shape, lead])
-            a_node.replace_input_with(0, flat.outputs[0])
-            out = b_node.outputs[0]
-            d_out = banks["B"].shape[-1]
-            target = ir.node("Concat", [lead.outputs[0], _const(graph, f"multi_adapter/dim_{d_out}", [d_out])],
-                             {"axis": 0}, name=f"{prefix}/Concat")
-            restored = ir.Value(name=f"{prefix}/restored", type=out.type, shape=out.shape)
-            out.replace_all_uses_with(restored)
-            out.shape = None
-            back = ir.node("Reshape", [out, target.outputs[0]], outputs=[restored], name=f"{prefix}/Reshape_out")
-            graph.insert_after(b_node, [target, back])
-        a_node.replace_input_with(1, gathered["A"])
-        b_node.replace_input_with(1, gathered["B"])
+
+def _ungraft_untagged_lora(graph: ir.Graph, module: str, forms: dict[str, list[Slot]],
+                           inputs: dict[str, ir.Value]) -> bool:
+    """Remove a LoRA branch built by another tool (no onnx-peft tags), recognised by structure:
+    ``Add(y, MatMul(MatMul(x, A_slot), B_slot))`` (scalar Mul/Cast/Identity between allowed)."""
+    if set(forms) != {"lora"}:
+        return False
+    by_suffix = {s.name.rsplit(".", 2)[-2]: inputs[s.name] for s in forms["lora"]}
+    a, b = by_suffix.get("lora_A"), by_suffix.get("lora_B")
+    if a is None or b is None:
+        return False
+    for a_node, index in list(a.uses()):
+        if a_node.op_type != "MatMul" or index != 1:
+            return False
+        chain, value = [a_node], a_node.outputs[0]
+        while True:
+            uses = list(value.uses())
+            if len(uses) != 1:
+                return False
+            node, _ = uses[0]
+            chain.append(node)
+            if node.op_type == "Add":
+                break
+            if node.op_type not in ("MatMul", "Mul", "Div", "Identity", "Cast"):
+                return False
+            value = node.outputs[0]
+        add = chain[-1]
+        if not any(n.op_type == "MatMul" and n.inputs[1] is b for n in chain):
+            return False
+        base = next(v for v in add.inputs if v is not value)
+        out = add.outputs[0]
+        if out.is_graph_output():
+            graph.outputs[list(graph.outputs).index(out)] = base
+            out.name, base.name = f"{module}.adapter.removed", out.name
+            if base.type is None:
+                base.type, base.shape = out.type, out.shape
+        out.replace_all_uses_with(base)
+        remove_dead(graph, chain)
+    return True
 
 
 def _consumer(value: ir.Value, ops: tuple[str, ...]) -> tuple[ir.Node | None, int, list[ir.Node]]:

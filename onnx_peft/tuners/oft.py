@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import AdapterConfigError
 from ..methods.base import method_for
-from ..methods.oft import OFTConfig, coft_project, oft_blocks, oft_layout
+from ..methods.oft import OFTConfig, coft_project, neumann_terms, oft_layout, rotation_blocks
 from .base import AdapterLayer
 
 
@@ -62,12 +62,13 @@ class Linear(AdapterLayer):
 
     # -- math ------------------------------------------------------------------------------
     def rotation_blocks(self, adapter_name: str) -> torch.Tensor:
-        """``R [n_blocks, b, b]``. COFT first clips the stored parameters in place, as PEFT does."""
+        """``R [n_blocks, b, b]``. COFT clips the stored parameters in place first, outside
+        autograd, as PEFT does (so the clip is a projection step, not part of the gradient)."""
         config, param = self.oft_config[adapter_name], self.oft_R[adapter_name].weight
         if config.coft:
             with torch.no_grad():
                 param.copy_(coft_project(param, config.eps))
-        return oft_blocks(config, param, self.oft_blocks[adapter_name])
+        return rotation_blocks(param, self.oft_blocks[adapter_name], neumann_terms(config))
 
     def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         """``W R^T`` through :meth:`OFTMethod.merged_weight`, the one definition of the merge."""

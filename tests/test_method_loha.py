@@ -1,0 +1,269 @@
+"""LoHa against HF PEFT on numbers: checkpoints both ways, merging, the numpy math, the dense
+slot, training (with rank and module dropout) and the errors a user meets.
+
+Fresh LoHa adapters are no-ops (``hada_w2_b = 0``), so every test perturbs all adapter tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import (
+    image_batch,
+    max_diff,
+    run,
+    saved_keys,
+    tiny_cnn,
+    tiny_gpt2,
+    tiny_llama,
+    token_ids,
+)
+
+import onnx_peft
+from onnx_peft.errors import AdapterConfigError, IncompatibleAdapterError
+from onnx_peft.methods.base import method_for
+from onnx_peft.methods.loha import LoHaConfig
+from onnx_peft.tuners.loha import LoHaLayer
+
+peft = pytest.importorskip("peft")
+
+TOL = 1e-5
+METHOD = method_for("LOHA")
+
+# name -> (base builder, inputs, LoHaConfig kwargs shared by both libraries)
+CASES = {
+    "linear": (tiny_llama, token_ids, dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "patterns": (tiny_llama, token_ids, dict(
+        r=4, alpha=6, target_modules="all-linear", exclude_modules=["o_proj"], modules_to_save=["lm_head"],
+        rank_pattern={"v_proj": 2}, alpha_pattern={"layers.1.mlp.down_proj": 3})),
+    "layers-random-init": (tiny_llama, token_ids, dict(r=2, target_modules=["q_proj", "k_proj"], init_weights=False,
+                                                       layers_to_transform=[1], layers_pattern="layers")),
+    "conv": (tiny_cnn, image_batch, dict(r=3, alpha=6, target_modules=["conv1", "conv2", "conv1d", "fc"])),
+    "conv-effective": (tiny_cnn, image_batch, dict(r=3, alpha=6, use_effective_conv2d=True,
+                                                   target_modules=["conv1", "conv2", "conv1d"])),
+}
+
+
+def perturb(model: torch.nn.Module, seed: int) -> None:
+    """Seeded noise on every adapter tensor, visited by sorted name (same numbers in both libraries)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "hada_" in name or "modules_to_save" in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+
+
+def ours_and_peft(kwargs: dict, build=tiny_llama, seed: int = 0):
+    """(ours, PEFT's) adapters of ``kwargs`` holding the same perturbed tensors."""
+    ours = onnx_peft.get_peft_model(build(), LoHaConfig(**kwargs))
+    theirs = peft.get_peft_model(build(), peft.LoHaConfig(**kwargs))
+    perturb(theirs, seed)
+    ours.load_state_dict(theirs.state_dict())  # same module tree, same names
+    return ours, theirs
+
+
+def numpy_parts(layer: torch.nn.Module, adapter: str = "default") -> dict[str, np.ndarray]:
+    return {name: getattr(layer, name)[adapter].detach().numpy() for name in METHOD.tensor_names
+            if adapter in getattr(layer, name)}
+
+
+# -- (a) checkpoints both ways ------------------------------------------------------------------
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_adapter_saved_by_peft_loads_here_with_same_logits(case, tmp_path):
+    build, inputs, kwargs = CASES[case]
+    theirs = peft.get_peft_model(build(), peft.LoHaConfig(**kwargs))
+    perturb(theirs, seed=1)
+    theirs.save_pretrained(tmp_path)
+
+    ours = onnx_peft.PeftModel.from_pretrained(build(), tmp_path)
+
+    x = inputs()
+    assert max_diff(run(ours, x), run(theirs.eval(), x)) <= TOL
+    assert max_diff(run(ours, x), run(build(), x)) > 1e-3  # the adapter really changes the output
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_adapter_saved_here_loads_in_peft_with_same_logits_keys_and_shapes(case, tmp_path):
+    build, inputs, kwargs = CASES[case]
+    ours = onnx_peft.get_peft_model(build(), LoHaConfig(**kwargs))
+    perturb(ours, seed=2)
+    ours.save_pretrained(tmp_path / "ours")
+    peft.get_peft_model(build(), peft.LoHaConfig(**kwargs)).save_pretrained(tmp_path / "peft")
+
+    theirs = peft.PeftModel.from_pretrained(build(), tmp_path / "ours").eval()
+
+    x = inputs()
+    assert max_diff(run(ours.eval(), x), run(theirs, x)) <= TOL
+    assert saved_keys(tmp_path / "ours") == saved_keys(tmp_path / "peft")
+    trainable = sorted(n for n, p in ours.named_parameters() if p.requires_grad)
+    peft_trainable = sorted(n for n, p in peft.get_peft_model(build(), peft.LoHaConfig(**kwargs)).named_parameters()
+                            if p.requires_grad)
+    assert trainable == peft_trainable
+
+
+def test_config_fields_and_defaults_equal_peft(tmp_path):
+    kwargs = CASES["patterns"][2]
+    onnx_peft.get_peft_model(tiny_llama(), LoHaConfig(**kwargs)).save_pretrained(tmp_path)
+
+    loaded = peft.PeftConfig.from_pretrained(tmp_path)
+
+    assert loaded.peft_type == peft.PeftType.LOHA
+    assert (loaded.r, loaded.alpha, loaded.rank_pattern, loaded.alpha_pattern) == (4, 6, {"v_proj": 2},
+                                                                                   {"layers.1.mlp.down_proj": 3})
+    ours, theirs = LoHaConfig(), peft.LoHaConfig()
+    for f in dataclasses.fields(LoHaConfig):
+        if f.name != "extra":
+            assert getattr(ours, f.name) == getattr(theirs, f.name), f.name
+
+
+def test_fresh_adapter_is_a_no_op():
+    model = onnx_peft.get_peft_model(tiny_llama(), LoHaConfig(target_modules=["q_proj", "up_proj"]))
+    assert max_diff(run(model, token_ids()), run(tiny_llama(), token_ids())) == 0.0
+
+
+# -- (b) merging ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["linear", "conv", "conv-effective"])
+def test_merge_unmerge_and_merge_and_unload_equal_the_unmerged_forward(case):
+    build, inputs, kwargs = CASES[case]
+    model = onnx_peft.get_peft_model(build(), LoHaConfig(**kwargs))
+    perturb(model, seed=3)
+    x = inputs()
+    unmerged = run(model, x)
+
+    model.merge_adapter()
+    merged = run(model, x)
+    with model.disable_adapter():
+        disabled = run(model, x)
+    model.merge_adapter()
+    remerged = run(model, x)
+    model.unmerge_adapter()
+    again = run(model, x)
+    plain = model.merge_and_unload()
+
+    assert max_diff(merged, unmerged) <= TOL
+    assert max_diff(disabled, run(build(), x)) <= TOL  # disabling unmerges
+    assert max_diff(remerged, unmerged) <= TOL
+    assert max_diff(again, unmerged) <= TOL
+    assert max_diff(run(plain, x), unmerged) <= TOL
+    assert not any(isinstance(m, LoHaLayer) for m in plain.modules())
+
+
+@pytest.mark.parametrize("case", ["patterns", "conv", "conv-effective"])
+def test_numpy_merged_weight_equals_the_torch_merged_weight(case):
+    build, _, kwargs = CASES[case]
+    ours, _ = ours_and_peft(kwargs, build, seed=4)
+    config = ours.peft_config["default"]
+    layers = {path: m for path, m in ours.base_model.model.named_modules() if isinstance(m, LoHaLayer)}
+    before = {path: m.base_layer.weight.detach().numpy().copy() for path, m in layers.items()}
+
+    ours.merge_adapter()
+
+    for path, layer in layers.items():
+        merged, bias = METHOD.merged_weight(config, path, before[path], None, numpy_parts(layer), {})
+        assert np.abs(merged - layer.base_layer.weight.detach().numpy()).max() <= TOL, path
+        assert bias is None
+
+
+# -- (c) training ---------------------------------------------------------------------------------
+def test_a_plain_training_loop_lowers_the_loss_and_changes_only_adapter_tensors():
+    model = onnx_peft.get_peft_model(tiny_llama(), LoHaConfig(r=4, alpha=8, target_modules="all-linear"))
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = token_ids(batch=4, seq=12)
+    losses = []
+    for _ in range(6):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+
+    assert losses[-1] < losses[0] - 0.05
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".hada_" in n for n in changed)
+    assert any(".hada_w2_b." in n for n in changed) and any(".hada_w1_a." in n for n in changed)
+
+
+def test_training_forward_with_rank_and_module_dropout_equals_peft_under_one_seed():
+    kwargs = dict(r=4, alpha=8, rank_dropout=0.5, module_dropout=0.3, target_modules=["q_proj", "down_proj"])
+    ours, theirs = ours_and_peft(kwargs, seed=5)
+    ours.train()
+    theirs.train()
+    ids = token_ids()
+
+    torch.manual_seed(7)
+    ours_loss = ours(input_ids=ids, labels=ids).loss
+    torch.manual_seed(7)
+    theirs_loss = theirs(input_ids=ids, labels=ids).loss
+    ours_loss.backward()
+    theirs_loss.backward()
+    with torch.no_grad():
+        no_dropout_loss = ours.eval()(input_ids=ids, labels=ids).loss
+
+    assert abs(ours_loss.item() - theirs_loss.item()) <= TOL
+    assert abs(ours_loss.item() - no_dropout_loss.item()) > 1e-4  # the dropouts did something
+    peft_grads = {n: p.grad for n, p in theirs.named_parameters() if p.grad is not None}
+    grads = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
+    assert grads.keys() == peft_grads.keys()
+    assert all(max_diff(grads[n], peft_grads[n]) <= TOL for n in grads)
+
+
+# -- (d) errors -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("build,target", [(tiny_llama, "embed_tokens"), (tiny_gpt2, "c_attn")])
+def test_a_module_type_peft_does_not_support_raises_naming_it(build, target):
+    with pytest.raises(AdapterConfigError, match=rf"{target} \(\w+\) cannot take a LOHA adapter; supported: nn.Linear"):
+        onnx_peft.get_peft_model(build(), LoHaConfig(target_modules=[target]))
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(r=0), "LoHaConfig.r"), (dict(rank_pattern={"q_proj": -1}), "rank_pattern"),
+    (dict(alpha="8"), "LoHaConfig.alpha"), (dict(rank_dropout=1.5), "LoHaConfig.rank_dropout"),
+    (dict(module_dropout=-0.1), "LoHaConfig.module_dropout"), (dict(init_weights="lycoris"), "init_weights"),
+    (dict(layers_pattern="layers"), "layers_pattern"),
+])
+def test_a_bad_config_field_raises_naming_it(kwargs, field):
+    with pytest.raises(AdapterConfigError, match=field):
+        LoHaConfig(target_modules=["q_proj"], **kwargs)
+
+
+def test_factors_of_another_rank_than_the_config_raise():
+    ours, _ = ours_and_peft(CASES["linear"][2])
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+
+    with pytest.raises(IncompatibleAdapterError, match="r=2"):
+        METHOD.slot_tensors(LoHaConfig(r=2), "model.layers.0.self_attn.q_proj", numpy_parts(layer), {}, None)
+
+
+# -- (e) the dense slot ---------------------------------------------------------------------------
+@pytest.mark.parametrize("case,path", [("patterns", "model.layers.1.self_attn.v_proj"),
+                                       ("patterns", "model.layers.1.mlp.down_proj"),
+                                       ("conv", "fc")])  # fc has a bias
+def test_dense_slot_reproduces_the_peft_layer(case, path):
+    build, _, kwargs = CASES[case]
+    _, theirs = ours_and_peft(kwargs, build, seed=6)
+    layer = theirs.base_model.model.get_submodule(path)
+    weight = layer.base_layer.weight.detach().numpy()
+    bias = layer.base_layer.bias
+    config = LoHaConfig(**kwargs)
+
+    slots = METHOD.slot_tensors(config, path, numpy_parts(layer), {}, lambda: weight)
+    D = slots["dense"]["delta.weight"]
+    x = np.random.default_rng(0).standard_normal((2, 5, weight.shape[1])).astype(np.float32)
+    y = x @ weight.T + (0 if bias is None else bias.detach().numpy()) + x @ D
+    with torch.no_grad():
+        expected = layer(torch.from_numpy(x)).numpy()
+
+    assert list(slots) == ["dense"] and D.shape == (weight.shape[1], weight.shape[0]) and D.dtype == np.float32
+    assert METHOD.features(config, path, numpy_parts(layer)) == (weight.shape[1], weight.shape[0])
+    assert np.abs(y - expected).max() <= TOL
+    assert np.abs(x @ D).max() > 1e-3
+
+
+def test_an_effective_conv_adapter_has_no_dense_slot():
+    ours, _ = ours_and_peft(CASES["conv-effective"][2], tiny_cnn)
+    with pytest.raises(IncompatibleAdapterError, match="conv1 has a LOHA convolution update"):
+        METHOD.slot_tensors(ours.peft_config["default"], "conv1", numpy_parts(ours.base_model.model.conv1), {}, None)
