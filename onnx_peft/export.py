@@ -274,21 +274,11 @@ def union_targets(model: Any, adapters: Mapping[str, Path]) -> tuple[list[str], 
     the extract pass makes the rank dimension symbolic.
     """
     from .config import AdapterConfig
-    from .methods.lora import LoraConfig
     from .targets import is_target
 
     configs = {}
     for name, path in adapters.items():
         config = AdapterConfig.from_pretrained(path)
-        if not isinstance(config, LoraConfig):
-            raise AdapterConfigError(
-                f"{path}: {config.peft_type} adapters cannot be exported as inputs/external slots yet; "
-                "use mode='merged' or 'in-graph'"
-            )
-        if config.use_dora:
-            raise AdapterConfigError(
-                f"{path}: DoRA adapters cannot share a slot model yet; export them with mode='merged'"
-            )
         if config.target_modules == "all-linear":  # resolved as get_peft_model resolves it
             from .model import linear_module_names
 
@@ -729,6 +719,32 @@ def _extract(model_path: Path, mode: str, full_weights: tuple[list[str], list[st
     return Path(adapter_file)
 
 
+def needs_insert(adapters: Mapping[str, Path]) -> bool:
+    """True when some adapter is not plain LoRA (another method, or DoRA): such adapters reach a
+    slot model by exporting the base and inserting their branches (one graph form per method)."""
+    from .config import AdapterConfig
+
+    for path in adapters.values():
+        config = AdapterConfig.from_pretrained(path)
+        if config.peft_type != "LORA" or getattr(config, "use_dora", False):
+            return True
+    return False
+
+
+def _insert(model_path: Path, adapters: Mapping[str, Path]) -> dict[str, str]:
+    """Replace the base ``model_path`` by the slot model InsertAdapters makes for ``adapters``;
+    their files go to ``adapters/``. Returns ``{name: relative adapter file}``."""
+    from .passes.insert_adapters import insert_adapters
+
+    staging = model_path.parent / ".inserted"
+    insert_adapters(model_path, adapters, staging)
+    for stale in _model_files(model_path.parent):
+        os.remove(stale)
+    for entry in staging.iterdir():
+        os.replace(entry, model_path.parent / entry.name)
+    return {name: f"{ADAPTER_DIR}/{name}{ADAPTER_SUFFIX}" for name in adapters}
+
+
 def _model_files(folder: Path) -> list[Path]:
     """``model.onnx`` and its data files (``model.onnx.data``, ``model.onnx.adapter.data``...)."""
     return [p for p in folder.glob(MODEL_FILE + "*") if p.name == MODEL_FILE or p.name.startswith(MODEL_FILE + ".")]
@@ -768,12 +784,20 @@ def export(model_or_dir: Any, output_dir: str | os.PathLike, adapters: AdapterSp
     named = normalize_adapters(adapters)
     inputs = list(named.values()) + ([model_or_dir] if isinstance(model_or_dir, (str, os.PathLike)) else [])
     _check_output_dir(output_dir, inputs)
+    inserted = mode in ("inputs", "external") and bool(named) and needs_insert(named)
+    if inserted and mode == "external":
+        raise AdapterConfigError("mode 'external' serves LoRA adapters only; export these adapters "
+                                 "(another method, or DoRA) with mode='inputs' or 'merged'")
     steps = ["load", "export", "extract", "convert"] if mode in ("inputs", "external") else ["load", "export"]
     bar = iter(steps if quiet else progress(steps, desc="onnx-peft export", total=len(steps)))
     next(bar, None)
-    module, peft, task, source = _prepare(model_or_dir, task, mode, dtype, named)
+    if inserted:  # export the plain base, then graft each method's branch (InsertAdapters)
+        module, peft, task, source = _prepare(model_or_dir, task, "in-graph", dtype, {})
+    else:
+        module, peft, task, source = _prepare(model_or_dir, task, mode, dtype, named)
     # heads the adapters train in full become full-weight slots (default: the base head)
-    full_weights = full_weight_modules(module, named) if named and mode in ("inputs", "external") else ([], [])
+    full_weights = full_weight_modules(module, named) if named and mode in ("inputs", "external") \
+        and not inserted else ([], [])
     heads = saved_heads(module) if not named and mode in ("inputs", "external") else {}
     if heads:  # a PeftModel's own trained heads: base head in the graph, trained one in its file
         full_weights = _head_slots(heads)
@@ -790,7 +814,11 @@ def export(model_or_dir: Any, output_dir: str | os.PathLike, adapters: AdapterSp
         with _base_heads(module, heads):
             exporter = run_exporter(module, spec, model_path, opset, external_data)
         written: dict[str, str] = {}
-        if mode in ("inputs", "external"):
+        if inserted:
+            next(bar, None)
+            written = _insert(model_path, named)
+            next(bar, None)
+        elif mode in ("inputs", "external"):
             next(bar, None)
             extracted = _extract(model_path, mode, full_weights)
             if heads:

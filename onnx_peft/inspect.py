@@ -42,21 +42,31 @@ def inspect_path(path: str | os.PathLike) -> dict[str, Any]:
     )
 
 
+def _suffix_forms() -> dict[str, str]:
+    """Slot suffix -> branch form (``lora_A.weight`` -> ``lora``), from every form's slots."""
+    from .methods.forms import FORMS
+
+    return {spec.suffix: f.name for f in FORMS.values() for spec in f.slot_specs("m", 1, 1, None)}
+
+
 def _modules_from_names(shapes: dict[str, tuple[tuple[Any, ...], str]]) -> dict[str, dict[str, Any]]:
-    """``{module: {"rank": r, "method": ...}}`` from slot tensor names and their shapes."""
+    """``{module: {"forms": [...], "rank": r, "in": .., "out": ..}}`` from slot tensor names and shapes."""
+    suffixes = _suffix_forms()
     modules: dict[str, dict[str, Any]] = {}
     for name, (shape, _dtype) in sorted(shapes.items()):
+        suffix = next((x for x in sorted(suffixes, key=len, reverse=True) if name.endswith("." + x)), None)
+        if suffix is None:
+            continue
+        entry = modules.setdefault(name[: -len(suffix) - 1], {"forms": []})
+        if suffixes[suffix] not in entry["forms"]:
+            entry["forms"].append(suffixes[suffix])
         if name.endswith(_A):
-            entry = modules.setdefault(name[: -len(_A)], {"method": "lora"})
             entry["rank"] = shape[-1] if len(shape) == 2 else None
             entry["in"] = shape[0] if shape else None
         elif name.endswith(_B):
-            entry = modules.setdefault(name[: -len(_B)], {"method": "lora"})
             entry["out"] = shape[-1] if shape else None
-    for name in shapes:
-        for module, entry in modules.items():
-            if name.startswith(module + ".") and not name.endswith((_A, _B)):
-                entry["method"] = "dora"
+    for entry in modules.values():
+        entry["method"] = "+".join(entry["forms"])
     return modules
 
 
@@ -69,7 +79,7 @@ def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
     graph = model.graph
     inputs = {v.name for v in graph.inputs}
     baked = {name: (tuple(v.shape), v.dtype.numpy().name) for name, v in graph.initializers.items()
-             if name not in inputs and name.endswith((_A, _B)) and v.shape is not None}
+             if name not in inputs and name.endswith(tuple(_suffix_forms())) and v.shape is not None}
     info: dict[str, Any] = {
         "kind": "model", "path": str(path),
         "inputs": [v.name for v in graph.inputs if v.const_value is None],
@@ -108,25 +118,28 @@ def inspect_adapter_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def inspect_peft_dir(path: str | os.PathLike) -> dict[str, Any]:
-    """Config summary and per-module rank/scale of a PEFT adapter directory."""
-    from .convert import A_SUFFIX, MAGNITUDE_SUFFIX, group_peft_tensors
+    """Config summary and, per module, the method's tensors (shapes) and the slot forms it becomes."""
+    from .convert import PeftAdapter
     from .formats import read_peft_adapter
 
     config, tensors = read_peft_adapter(path)
+    adapter = PeftAdapter.from_tensors("adapter", str(path), config, tensors)
     info: dict[str, Any] = {"kind": "peft_adapter", "path": str(path), "peft_type": config.peft_type,
                             "modules": {}}
     for key in ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "fan_in_fan_out",
                 "rank_pattern", "alpha_pattern", "base_model_name_or_path"):
         if hasattr(config, key):
             info[key] = getattr(config, key)
-    if config.peft_type == "LORA":
-        for module, parts in sorted(group_peft_tensors(tensors, str(path)).items()):
-            info["modules"][module] = {
-                "method": "dora" if MAGNITUDE_SUFFIX in parts else "lora",
-                "rank": int(parts[A_SUFFIX].shape[0]), "scale": float(config.scaling_for(module)),
-            }
-    else:
-        info["tensors"] = {k: list(v.shape) for k, v in sorted(tensors.items())}
+    for module, parts in sorted(adapter.modules.items()):
+        entry: dict[str, Any] = {"method": config.peft_type.lower(),
+                                 "tensors": {k: list(v.shape) for k, v in sorted(parts.items())}}
+        if "lora_A.weight" in parts:
+            entry["rank"] = int(parts["lora_A.weight"].shape[0])
+        if hasattr(config, "scaling_for"):
+            entry["scale"] = float(config.scaling_for(module))
+        info["modules"][module] = entry
+    if adapter.tensors.shared:
+        info["shared"] = {k: list(v.shape) for k, v in sorted(adapter.tensors.shared.items())}
     return info
 
 
@@ -175,5 +188,7 @@ def render_text(info: dict[str, Any]) -> str:
             lines.append(f"  {key}: {info[key]}")
     lines.append(f"  {len(info['modules'])} modules")
     for module, entry in sorted(info["modules"].items()):
-        lines.append(f"    {module} [{entry['method']}] rank {entry['rank']} scale {entry['scale']:g}")
+        detail = (f"rank {entry['rank']} scale {entry['scale']:g}" if "rank" in entry and "scale" in entry
+                  else ", ".join(f"{k} {v}" for k, v in entry["tensors"].items()))
+        lines.append(f"    {module} [{entry['method']}] {detail}")
     return "\n".join(lines)

@@ -234,7 +234,7 @@ class PeftModel(nn.Module):
                 for pname, param in self.base_model.model.named_parameters():
                     if pname.endswith(".bias") or pname == "bias":
                         param.requires_grad_(True)
-            elif bias == "lora_only":
+            elif bias.endswith("_only"):  # lora_only, fourier_only, ...: biases of adapted layers
                 for _, layer in self._layers():
                     if isinstance(layer, AdapterLayer) and name in layer.adapter_names() and layer.bias is not None:
                         layer.bias.requires_grad_(True)
@@ -351,7 +351,7 @@ class PeftModel(nn.Module):
                 owned[peft_key(name, adapter_name)] = tensor
             elif bias == "all" and name.endswith(".bias") and not _is_adapter_param(name):
                 owned[name.replace(".original_module.", ".")] = tensor
-            elif bias == "lora_only" and name in lora_biases:
+            elif bias.endswith("_only") and name in lora_biases:
                 owned[name] = tensor
         return owned
 

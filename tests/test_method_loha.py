@@ -11,6 +11,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from method_cases.loha import CASES as ONNX_CASES
 from tiny_models import (
     image_batch,
     max_diff,
@@ -33,12 +34,12 @@ peft = pytest.importorskip("peft")
 TOL = 1e-5
 METHOD = method_for("LOHA")
 
-# name -> (base builder, inputs, LoHaConfig kwargs shared by both libraries)
+# name -> (base builder, inputs, LoHaConfig kwargs shared by both libraries); the Llama ones are
+# the ONNX conformance suite's (method_cases/loha.py), here with a saved lm_head as well
 CASES = {
-    "linear": (tiny_llama, token_ids, dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
-    "patterns": (tiny_llama, token_ids, dict(
-        r=4, alpha=6, target_modules="all-linear", exclude_modules=["o_proj"], modules_to_save=["lm_head"],
-        rank_pattern={"v_proj": 2}, alpha_pattern={"layers.1.mlp.down_proj": 3})),
+    "linear": (tiny_llama, token_ids, ONNX_CASES["loha-llama"]["kwargs"]),
+    "patterns": (tiny_llama, token_ids, dict(ONNX_CASES["loha-llama-patterns"]["kwargs"],
+                                          modules_to_save=["lm_head"])),
     "layers-random-init": (tiny_llama, token_ids, dict(r=2, target_modules=["q_proj", "k_proj"], init_weights=False,
                                                        layers_to_transform=[1], layers_pattern="layers")),
     "conv": (tiny_cnn, image_batch, dict(r=3, alpha=6, target_modules=["conv1", "conv2", "conv1d", "fc"])),

@@ -13,6 +13,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from method_cases.lokr import CASES as ONNX_CASES
 from tiny_models import (
     image_batch,
     max_diff,
@@ -35,12 +36,12 @@ peft = pytest.importorskip("peft")
 TOL = 1e-5
 METHOD = method_for("LOKR")
 
-# name -> (base builder, inputs, LoKrConfig kwargs shared by both libraries)
+# name -> (base builder, inputs, LoKrConfig kwargs shared by both libraries); the Llama ones are
+# the ONNX conformance suite's (method_cases/lokr.py), here with a saved lm_head as well
 CASES = {
-    "linear": (tiny_llama, token_ids, dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
-    "decomposed-patterns": (tiny_llama, token_ids, dict(
-        r=1, alpha=2, decompose_both=True, target_modules="all-linear", exclude_modules=["o_proj"],
-        modules_to_save=["lm_head"], rank_pattern={"v_proj": 3}, alpha_pattern={"layers.1.mlp.down_proj": 3})),
+    "linear": (tiny_llama, token_ids, ONNX_CASES["lokr-llama"]["kwargs"]),
+    "decomposed-patterns": (tiny_llama, token_ids, dict(ONNX_CASES["lokr-llama-decomposed"]["kwargs"],
+                                                     modules_to_save=["lm_head"])),
     "factor-lycoris-init": (tiny_llama, token_ids, dict(
         r=2, decompose_factor=4, init_weights="lycoris", rank_dropout_scale=True,
         target_modules=["gate_proj", "k_proj"], layers_to_transform=[0], layers_pattern="layers")),

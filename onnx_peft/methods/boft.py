@@ -29,7 +29,7 @@ import numpy as np
 from ..config import AdapterConfig, register_config
 from ..errors import AdapterConfigError, IncompatibleAdapterError
 from .base import Method, register_method
-from .oft import is_numpy, cayley, eye_like
+from .oft import cayley, eye_like, is_numpy
 
 
 @register_config

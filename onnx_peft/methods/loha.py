@@ -84,7 +84,8 @@ class LycorisConfig(AdapterConfig):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
-        for key, rank in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in (self.rank_pattern or {}).items())]:
+        ranks = {"r": self.r, **{f"rank_pattern[{k!r}]": v for k, v in (self.rank_pattern or {}).items()}}
+        for key, rank in ranks.items():
             if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
                 raise AdapterConfigError(f"{name}.{key} must be a positive integer, got {rank!r}")
         if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool):

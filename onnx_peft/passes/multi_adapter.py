@@ -149,8 +149,9 @@ class MultiAdapterPass(ir.passes.InPlacePass):
         graph.inputs.append(bank)
         graph.register_initializer(bank)
         gather = ir.node("Gather", [bank, ids], {"axis": 0}, name=f"{name}/Gather")
-        gather.outputs[0].name = f"{name}/rows"
-        return bank, gather.outputs[0]
+        rows = gather.outputs[0]
+        rows.name, rows.type, rows.shape = f"{name}/rows", bank.type, ir.Shape(["batch", *slot.shape])
+        return bank, rows
 
     def _full_weight_banks(self, graph: ir.Graph, module: str, parts: dict[str, Slot],
                            inputs: dict[str, ir.Value], ids: ir.Value, layout: MultiLayout) -> None:

@@ -35,7 +35,7 @@ class Linear(AdapterLayer):
     """OFT on ``nn.Linear`` (weight ``[out, in]``). x: ``[.., in]`` -> ``[.., out]``."""
 
     adapter_layer_names = ("oft_R",)
-    other_param_names = ("oft_config", "oft_blocks")
+    other_param_names = ("oft_config", "oft_n_blocks")
 
     def __init__(self, base_layer: nn.Linear, module_path: str = "") -> None:
         super().__init__(base_layer)
@@ -43,22 +43,23 @@ class Linear(AdapterLayer):
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.oft_R = nn.ModuleDict()
         self.oft_config: dict[str, OFTConfig] = {}
-        self.oft_blocks: dict[str, int] = {}   # n_blocks per adapter
+        self.oft_n_blocks: dict[str, int] = {}
 
     # -- creation --------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, config: OFTConfig) -> None:
         n_blocks, block_size = oft_layout(config, self.in_features)
-        field, asked, got = ("r", config.r, n_blocks) if config.r else ("oft_block_size", config.oft_block_size, block_size)
+        field, asked, got = ("r", config.r, n_blocks) if config.r else ("oft_block_size", config.oft_block_size,
+                                                                         block_size)
         if asked != got:
             warnings.warn(f"{self.module_path}: OFT {field}={asked} does not divide in_features={self.in_features}; "
-                          f"using {n_blocks} blocks of size {block_size}, as PEFT does")
+                          f"using {n_blocks} blocks of size {block_size}, as PEFT does", stacklevel=2)
         rotation = OFTRotation(1 if config.block_share else n_blocks, block_size)
         if config.init_weights is False:
             nn.init.normal_(rotation.weight, mean=0.0, std=0.1)
         weight = self.base_layer.weight
         self.oft_R[adapter_name] = rotation.to(weight.device, weight.dtype if weight.dtype.is_floating_point else None)
         self.oft_config[adapter_name] = config
-        self.oft_blocks[adapter_name] = n_blocks
+        self.oft_n_blocks[adapter_name] = n_blocks
 
     # -- math ------------------------------------------------------------------------------
     def rotation_blocks(self, adapter_name: str) -> torch.Tensor:
@@ -68,7 +69,7 @@ class Linear(AdapterLayer):
         if config.coft:
             with torch.no_grad():
                 param.copy_(coft_project(param, config.eps))
-        return rotation_blocks(param, self.oft_blocks[adapter_name], neumann_terms(config))
+        return rotation_blocks(param, self.oft_n_blocks[adapter_name], neumann_terms(config))
 
     def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         """``W R^T`` through :meth:`OFTMethod.merged_weight`, the one definition of the merge."""
