@@ -109,8 +109,8 @@ class PeftAdapter:
 def _no_base(source: str) -> BaseWeights:
     def read(module: str) -> np.ndarray:
         raise IncompatibleAdapterError(
-            f"{source}: module {module} needs the base weight for its slots (DoRA, HRA); pass the "
-            "model (--model) so it can be read")
+            f"{source}: module {module} needs the base layer (its weight or its size: DoRA, HRA, VeRA, "
+            "MiSS, FourierFT) for its slots; pass the model (--model) so it can be read")
     return read
 
 

@@ -411,6 +411,8 @@ class PeftModel(nn.Module):
             peft_model._unload(keep_saved_modules=False)  # hand the caller's model back untouched
             raise
         peft_model.set_adapter(adapter_name)
+        if not is_trainable:  # as PEFT: an inference adapter runs without dropout
+            peft_model.eval()
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
@@ -428,6 +430,8 @@ class PeftModel(nn.Module):
             self.set_adapter(self.active_adapters)
             raise
         self.set_adapter(self.active_adapters)
+        if not is_trainable:
+            self.eval()
 
     def _undo_base_init(self, adapter_name: str) -> None:
         """PiSSA/OLoRA moved ``s * B0 @ A0`` out of the base weights; put it back (failed load)."""

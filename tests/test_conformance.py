@@ -46,7 +46,7 @@ def _cases() -> dict[str, dict]:
     cases = {
         "lora-llama": dict(config="LoraConfig", model="llama", per_row=True,
                            kwargs=dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj"])),
-        "dora-llama": dict(config="LoraConfig", model="llama", per_row=False,
+        "dora-llama": dict(config="LoraConfig", model="llama", per_row=True,
                            kwargs=dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "up_proj"])),
     }
     import method_cases
@@ -171,8 +171,8 @@ def test_multi_adapter_rows_equal_single_runs_or_refuse(case, inserted):
 def test_inspect_names_forms_and_method(case, inserted):
     model, _ = inserted
     info = inspect_path(model)
-    forms = {entry["method"] for entry in info["modules"].values()}
-    assert "lora" in forms and info["slots"]
+    forms = {slot["method"] for slot in info["slots"]}
+    assert "lora" in forms  # the LoRA adapter inserted next to the method's
     peft_info = inspect_path(case["folder"] / "adapter")
     saved = json.loads((case["folder"] / "adapter" / "adapter_config.json").read_text())
     assert peft_info["peft_type"] == saved["peft_type"]

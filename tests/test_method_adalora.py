@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 from method_cases.adalora import CASES
-from tiny_models import image_batch, max_diff, run, saved_keys, tiny_cnn, tiny_gpt2, tiny_llama, token_ids
+from tiny_models import (
+    image_batch,
+    max_diff,
+    run,
+    saved_keys,
+    tiny_cnn,
+    tiny_gpt2,
+    tiny_llama,
+    token_ids,
+)
 
 import onnx_peft
 from onnx_peft.convert import PeftAdapter

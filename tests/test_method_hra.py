@@ -14,7 +14,16 @@ import numpy as np
 import pytest
 import torch
 from method_cases.hra import CASES as ONNX_CASES
-from tiny_models import image_batch, max_diff, run, saved_keys, tiny_cnn, tiny_gpt2, tiny_llama, token_ids
+from tiny_models import (
+    image_batch,
+    max_diff,
+    run,
+    saved_keys,
+    tiny_cnn,
+    tiny_gpt2,
+    tiny_llama,
+    token_ids,
+)
 
 import onnx_peft
 from onnx_peft.errors import AdapterConfigError, IncompatibleAdapterError
@@ -33,6 +42,7 @@ CASES = {
     "llama-odd-r-layers": (tiny_llama, token_ids, dict(r=3, target_modules=["k_proj", "up_proj"],
                                                        layers_to_transform=[1], layers_pattern="layers")),
     "cnn-conv2d": (tiny_cnn, image_batch, dict(r=2, target_modules=["conv1", "conv2", "fc"])),
+    "cnn-bias-hra-only": (tiny_cnn, image_batch, dict(r=2, bias="hra_only", target_modules=["conv1", "fc"])),
     **{name: (tiny_llama, token_ids, case["kwargs"]) for name, case in ONNX_CASES.items()},
 }
 

@@ -130,6 +130,23 @@ def test_two_peft_adapters_of_different_rank_load_side_by_side(tmp_path):
     assert max_diff(run(ours, x), run(second, x)) <= TOL
 
 
+def test_vera_only_bias_trains_and_is_saved_like_peft(tmp_path):
+    kwargs = dict(r=4, fan_in_fan_out=True, bias="vera_only", target_modules=["c_attn"])
+    theirs = peft.get_peft_model(tiny_gpt2(), peft.VeraConfig(**kwargs))
+    _perturb(theirs)
+    theirs.save_pretrained(tmp_path / "theirs")
+    x = token_ids()
+
+    ours = onnx_peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "theirs", is_trainable=True)
+    ours.save_pretrained(tmp_path / "ours")
+
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in theirs.named_parameters() if p.requires_grad}
+    assert any(n.endswith("c_attn.base_layer.bias") for n in trainable)
+    assert saved_keys(tmp_path / "ours") == saved_keys(tmp_path / "theirs")
+    assert max_diff(run(ours, x), run(theirs, x)) <= TOL
+
+
 # -- (b) merging ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_merge_unmerge_and_merge_and_unload_equal_the_unmerged_forward(case):

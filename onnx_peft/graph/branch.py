@@ -36,7 +36,7 @@ class BranchBuilder:
         self.module = site.module
         self.nodes: list[ir.Node] = []
         self.x: ir.Value = site.input
-        self.y: ir.Value = site.output
+        self.y: ir.Value = site.branch_output
         self.bias: ir.Value | None = site.bias
 
     def op(self, op_type: str, inputs: Sequence[ir.Value], suffix: str, **attributes: int) -> ir.Value:
@@ -79,7 +79,7 @@ def graft(graph: ir.Graph, site: LinearSite, forms: Sequence[tuple[Form, Mapping
     """Build ``forms`` (each with its slot values by suffix) around ``site``; return ``y'``."""
     g = BranchBuilder(graph, site, batched)
     ordered = sorted(forms, key=lambda item: item[0].stage)
-    x0, y0 = site.input, site.output
+    x0, y0 = site.input, site.branch_output
     d_in, d_out = site.in_features, site.out_features
     pre = [(f, v) for f, v in ordered if f.stage == 0]
     post = [(f, v) for f, v in ordered if f.stage > 0]

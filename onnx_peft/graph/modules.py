@@ -43,14 +43,32 @@ class LinearSite:
     out_features: int
     output: ir.Value     # x W (+ bias when a bias Add / Gemm C follows directly)
 
+    def _flattened(self) -> bool:
+        """True for ``Reshape(x) -> MatMul/Gemm -> Reshape back`` (GPT-2 Conv1D style)."""
+        x = self.node.inputs[0]
+        return self.output is not self.node.outputs[0] and x.producer() is not None \
+            and x.producer().op_type == "Reshape" and self.output.producer().op_type == "Reshape"
+
     @property
     def input(self) -> ir.Value:
-        """The activation x feeding the Linear (before a flattening Reshape, GPT-2 Conv1D style)."""
+        """The activation x feeding the Linear: the tensor before a flattening Reshape when its last
+        axis already is ``in`` (GPT-2's Conv1D), else the MatMul's own input (e.g. attention heads
+        merged by that Reshape)."""
         x = self.node.inputs[0]
-        if self.output is not self.node.outputs[0] and x.producer() is not None \
-                and x.producer().op_type == "Reshape" and self.output.producer().op_type == "Reshape":
-            return x.producer().inputs[0]
+        if self._flattened():
+            before = x.producer().inputs[0]
+            last = before.shape[-1] if before.shape is not None and len(before.shape) else None
+            if last is None or last == self.in_features:
+                return before
         return x
+
+    @property
+    def branch_output(self) -> ir.Value:
+        """The output at the same level as :attr:`input`: ``output``, or the flat result before the
+        Reshape back when the branch reads the flattened x."""
+        if self._flattened() and self.input is self.node.inputs[0]:
+            return self.output.producer().inputs[0]
+        return self.output
 
     @property
     def bias(self) -> ir.Value | None:

@@ -99,8 +99,8 @@ class AdaLoraConfig(AdapterConfig):
             raise AdapterConfigError(
                 "AdaLoraConfig.layers_to_transform cannot be used when target_modules is a regex string")
         if self.rank_pattern is not None and not isinstance(self.rank_pattern, dict):
-            raise AdapterConfigError(
-                f"AdaLoraConfig.rank_pattern must map '<module>.lora_E' to a list of booleans, got {self.rank_pattern!r}")
+            raise AdapterConfigError("AdaLoraConfig.rank_pattern must map '<module>.lora_E' to a list of "
+                                     f"booleans, got {self.rank_pattern!r}")
 
     def kept_triplets(self, module_path: str) -> list[bool] | None:
         """The ``rank_pattern`` entry of ``module_path`` (keys ``<module>.lora_E`` as PEFT saves

@@ -15,7 +15,8 @@ triangular)::
 
     x W'^T = x W^T + (x V) (-(W V T)^T)       A_slot = V [in, r],  B_slot = -(W V T)^T [r, out]
 
-B_slot folds in the base weight, so the slots are computed per base model (``base_weight()``).
+B_slot folds in the base weight, so the slots are computed per base model (``base_weight()``);
+being ``lora`` slots they have a per-row (MultiAdapter) form and swap with LoRA adapters.
 """
 
 from __future__ import annotations

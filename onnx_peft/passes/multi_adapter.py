@@ -79,8 +79,8 @@ class MultiAdapterPass(ir.passes.InPlacePass):
         for slot in contract.slots:
             if slot.method != FULL_WEIGHT_METHOD and not form(slot.method).per_row:
                 raise OnnxPeftError(
-                    f"module {slot.module} has {slot.method} slots (LoHa, LoKr, FourierFT: a dense weight per "
-                    "adapter), which have no per-row form; merge those adapters (onnx-peft merge) or serve "
+                    f"module {slot.module} has {slot.method} slots (LoHa, LoKr, FourierFT, MiSS 'bat': a dense "
+                    "weight per adapter), which have no per-row form; merge those adapters (onnx-peft merge) or serve "
                     "them one per run")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

@@ -207,7 +207,8 @@ class RankAllocator:
                 self.exp_avg_ipt[key], self.exp_avg_unc[key] = torch.zeros_like(p), torch.zeros_like(p)
             self.ipt[key] = (p * p.grad).abs()
             self.exp_avg_ipt[key] = b1 * self.exp_avg_ipt[key] + (1 - b1) * self.ipt[key]
-            self.exp_avg_unc[key] = b2 * self.exp_avg_unc[key] + (1 - b2) * (self.ipt[key] - self.exp_avg_ipt[key]).abs()
+            surprise = (self.ipt[key] - self.exp_avg_ipt[key]).abs()
+            self.exp_avg_unc[key] = b2 * self.exp_avg_unc[key] + (1 - b2) * surprise
 
     def _triplet_scores(self) -> dict[str, torch.Tensor]:
         scores = {}
@@ -232,9 +233,8 @@ class RankAllocator:
     def mask_using_rank_pattern(self) -> None:
         """Zero the ``E`` entries the config's ``rank_pattern`` prunes (after the final allocation)."""
         for path, layer in self.layers.items():
-            kept = self.config.kept_triplets(path)
-            if kept is not None:
-                E = layer.lora_E[self.adapter_name]
+            kept, E = self.config.kept_triplets(path), layer.lora_E[self.adapter_name]
+            if kept is not None and len(kept) == E.shape[0]:
                 E.masked_fill_(~torch.tensor(kept, device=E.device).view(-1, 1), 0.0)
 
 
@@ -274,8 +274,9 @@ class AdaLoraTraining:
         terms = []
         for layer in layers:
             A, B = layer.lora_A[self.adapter_name], layer.lora_B[self.adapter_name]
-            for cov in (A @ A.T, B.T @ B):
-                terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], device=cov.device, dtype=cov.dtype)))
+            for cov in (A @ A.T, B.T @ B):                                   # [r, r]
+                eye = torch.eye(cov.shape[0], device=cov.device, dtype=cov.dtype)
+                terms.append(torch.linalg.matrix_norm(cov - eye))
         return torch.stack(terms).mean()
 
     def _add_orth_reg(self, model: nn.Module, args, output):

@@ -53,7 +53,7 @@ class MissLayer(AdapterLayer):
         if problem is not None:
             raise AdapterConfigError(f"module {self.module_path}: {type(config).__name__}: {problem}")
         block = torch.zeros(block_shape(config, self.in_features, self.out_features))
-        if config.init_weights is False:
+        if miss_mode(config) == "balance" and not config.init_weights:
             nn.init.kaiming_uniform_(block, a=math.sqrt(5))
         weight = self.base_layer.weight
         dtype = weight.dtype if weight.dtype.is_floating_point else block.dtype

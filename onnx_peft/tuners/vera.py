@@ -154,13 +154,6 @@ class VeraLayer(AdapterLayer):
         self.vera_lambda_b[adapter_name] = nn.Parameter(lambda_b.to(weight.device, dtype))
         self.vera_lambda_d[adapter_name] = nn.Parameter(lambda_d.to(weight.device, dtype))
 
-    def set_adapter(self, adapter_names: str | list[str], trainable: bool = True) -> None:
-        super().set_adapter(adapter_names, trainable)
-        names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
-        if trainable and self.bias is not None and any(
-                self.configs[n].bias == "vera_only" for n in names if n in self.configs):
-            self.bias.requires_grad_(True)
-
     # -- math ------------------------------------------------------------------------------
     def _parts(self, adapter_name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         vera_A, vera_B = self.projections.get(adapter_name)

@@ -126,6 +126,10 @@ def add_weighted_adapter(model: PeftModel, adapters: list[str], weights: list[fl
     if adapter_name in model.peft_config:
         raise AdapterConfigError(f"adapter {adapter_name!r} already exists")
     configs = [model.peft_config[a] for a in adapters]
+    other = next((c for c in configs if c.peft_type != "LORA"), None)
+    if other is not None:
+        raise AdapterConfigError(f"add_weighted_adapter combines LoRA adapters; {other.peft_type} adapters "
+                                 "cannot be combined (as in PEFT)")
     if any(c.use_dora for c in configs):
         raise AdapterConfigError("add_weighted_adapter cannot combine DoRA adapters (their magnitudes do not add)")
     combination_type = "linear" if len(adapters) == 1 else combination_type
