@@ -24,7 +24,7 @@ def test_inspect_adapter_file_and_peft_dir_give_ranks():
     info = inspect_path(deploy / "adapters" / "patterned.onnx_adapter")
     assert info["format"] == "onnx_adapter" and info["fingerprint"].startswith("ort31:")
     assert info["modules"]["model.layers.0.self_attn.v_proj"]["rank"] == 2  # rank_pattern
-    assert info["modules"]["model.layers.0.self_attn.q_proj"] == {"method": "lora", "rank": 4, "in": 64, "out": 64}
+    assert info["modules"]["model.layers.0.self_attn.q_proj"] == {"method": "lora", "forms": ["lora"], "rank": 4, "in": 64, "out": 64}
 
     peft = inspect_path(build_case("llama").adapters["patterned"])
     assert peft["kind"] == "peft_adapter" and peft["use_rslora"]

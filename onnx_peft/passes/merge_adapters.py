@@ -26,7 +26,7 @@ from ..errors import IncompatibleAdapterError, NoAdapterSitesError
 from ..graph.io import load_model, save_model
 from ..graph.modules import LinearSite, constant_array, find_linear_sites, match_module
 from ..graph.sites import AdapterBranch, find_adapter_branches, remove_branch, remove_dead
-from ..methods.lora import dora_weight, lora_delta_weight
+from ..methods.lora import dora_weight
 
 
 def _exclusive_chain(site: LinearSite) -> bool:
