@@ -321,9 +321,10 @@ def question_generate(paths, args) -> tuple[dict, dict]:
 # ORT profiler: kernel time per node, adapter-branch share
 # --------------------------------------------------------------------------------------------
 
-# Nodes our passes add: slots (extract/insert: "<module>/lora/A|B|add"), MultiAdapter
-# ("<bank>/Gather", "<module>/multi_adapter/..."). Base nodes keep exporter names (node_*).
-LORA_NODE = re.compile(r"/lora/|/multi_adapter/|\.bank/Gather")
+# Nodes our passes add: branches (graph/branch.py, every method's forms: "<module>/adapter/<suffix>",
+# e.g. lora_A, lora_B, lora_add), MultiAdapter ("<bank>/Gather", "<module>/multi_adapter/...").
+# Base nodes keep exporter names (node_*).
+LORA_NODE = re.compile(r"/adapter/|/multi_adapter/|\.bank/Gather")
 
 
 def parse_profile(path: str, skip_runs: int) -> dict:
@@ -731,7 +732,7 @@ def main() -> int:
             "LoRA r=16 (alpha 32) on all 7 projections, 16 random adapters; ONNX Runtime CPU, default threads.",
             "Method: wall-clock ratios come from one interleaved run per table (random order each round, medians);",
             "kernel-time ratios from ORT's profiler (enable_profiling; per node the median `*_kernel_time` over the runs, summed; adapter",
-            "kernels = nodes our passes add: `<module>/lora/{A,B,add}`, `<bank>/Gather`, `<module>/multi_adapter/*`),",
+            "kernels = nodes our passes add: `<module>/adapter/*` (branch forms), `<bank>/Gather`, `<module>/multi_adapter/*`),",
             "all profiled sessions alive at once with interleaved runs. The batch-16 items use seq "
             f"{args.multi_seq} (seq 128 x 16 is too heavy for 2 cores in the time budget).",
             "",

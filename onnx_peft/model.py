@@ -152,8 +152,8 @@ class PeftModel(nn.Module):
             raise AdapterConfigError(
                 f"{type(config).__name__}.target_modules is required (a list, a regex or 'all-linear')")
         if config.task_type == "SEQ_CLS":
-            extra = [h for h in _SEQ_CLS_HEADS if h not in (config.modules_to_save or [])]
-            config.modules_to_save = list(config.modules_to_save or []) + extra
+            saved = getattr(config, "modules_to_save", None) or []
+            config.modules_to_save = list(saved) + [h for h in _SEQ_CLS_HEADS if h not in saved]
             if peft_config.target_modules == "all-linear":  # the head trains whole, not as LoRA
                 config.target_modules = [t for t in config.target_modules if t not in config.modules_to_save]
         tuner = method.tuner()

@@ -42,12 +42,11 @@ from .checkpoint import atomic_write_bytes
 from .config import AdapterConfig
 from .data import LabelMap, TextData, build_label_map, load_text_data
 from .errors import AdapterConfigError, DataError, OnnxPeftError
-from .methods.lora import LoraConfig
+from .methods.base import method_for, method_names
 from .model import PeftModel, get_peft_model
 from .progress import quiet as env_quiet
 
 LABELS_NAME = "labels.json"
-METHODS = ("lora",)
 _TASK_TYPES = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 _DEFAULT_ARGS: dict[str, Any] = {
     "learning_rate": 2e-4,
@@ -222,15 +221,18 @@ def _ensure_pad_token(tokenizer: Any, model: nn.Module) -> None:
         config.pad_token_id = tokenizer.pad_token_id
 
 
-def _adapter_config(method: str, config: LoraConfig | dict | None, task: str) -> AdapterConfig:
-    if method not in METHODS:
-        raise AdapterConfigError(f"unknown method {method!r}; onnx-peft can train: {', '.join(METHODS)}")
+def _adapter_config(method: str, config: AdapterConfig | dict | None, task: str) -> AdapterConfig:
+    if method.lower() not in method_names():
+        raise AdapterConfigError(f"unknown method {method!r}; onnx-peft can train: {', '.join(method_names())}")
+    peft_type = method.upper()
     if config is None:
-        config = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}
+        config = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"} if peft_type == "LORA" \
+            else {"target_modules": "all-linear"}
     if isinstance(config, dict):
-        config = AdapterConfig.from_dict({"peft_type": "LORA", **config}, source="adapter config")
-    if not isinstance(config, LoraConfig):
-        raise AdapterConfigError(f"method {method!r} needs a LoraConfig, got {type(config).__name__}")
+        config = AdapterConfig.from_dict({"peft_type": peft_type, **config}, source="adapter config")
+    if config.peft_type != peft_type:
+        raise AdapterConfigError(f"method {method!r} needs a {method_for(peft_type).config_class.__name__}, "
+                                 f"got {type(config).__name__}")
     task_type = _TASK_TYPES[task]
     if config.task_type not in (None, task_type):
         raise AdapterConfigError(f"adapter config task_type={config.task_type!r} does not fit task {task!r} ({task_type})")
@@ -318,7 +320,7 @@ def _eval_metrics(trainer: Trainer, task: str, suffix: str) -> dict[str, float]:
 # -- the public function -------------------------------------------------------------------
 def train(model_dir_or_model: str | os.PathLike | nn.Module, data: str | os.PathLike | Sequence[dict],
           output_dir: str | os.PathLike, method: str = "lora", task: str = "sequence-classification",
-          text_field: str = "text", label_field: str = "label", config: LoraConfig | dict | None = None,
+          text_field: str = "text", label_field: str = "label", config: AdapterConfig | dict | None = None,
           training_args: dict[str, Any] | None = None, eval_data: str | os.PathLike | Sequence[dict] | None = None,
           resume_from_checkpoint: str | os.PathLike | bool | None = None, quiet: bool = False,
           tokenizer: Any = None, max_length: int = 512) -> TrainResult:
@@ -409,7 +411,7 @@ def _checkpoint_path(resume: str | os.PathLike | bool | None, output_dir: Path) 
     return str(resume)
 
 
-def _prepare_model(model_or_dir: str | os.PathLike | nn.Module, method: str, config: LoraConfig | dict | None,
+def _prepare_model(model_or_dir: str | os.PathLike | nn.Module, method: str, config: AdapterConfig | dict | None,
                    task: str, label_map: LabelMap | None) -> PeftModel:
     if isinstance(model_or_dir, PeftModel):
         model = model_or_dir

@@ -49,11 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onnx-peft", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+    # the same flags after the command too (``onnx-peft train ... --quiet``); SUPPRESS keeps a flag
+    # given before the command from being reset by the subcommand's default
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    flags.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or info logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module, help_text) in _available().items():
         command = importlib.import_module(f"{__name__}.{module}")
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text, parents=[flags])
         command.add_arguments(sub_parser)
         sub_parser.set_defaults(_run=command.run)
     return parser

@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OnnxPeftError
+from ..methods.base import method_names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="transformers model directory (with its tokenizer)")
-    parser.add_argument("--method", default="lora", choices=["lora"], help="adapter method (default: lora)")
+    parser.add_argument("--method", default="lora", choices=method_names(), type=str.lower,
+                        help="adapter method, any PEFT method onnx-peft has (default: lora)")
     parser.add_argument("--data", required=True, metavar="FILE", help="training data: .jsonl, .json, .csv or .txt")
     parser.add_argument("--task", default="sequence-classification", choices=["sequence-classification", "causal-lm"],
                         help="what the model learns (default: sequence-classification)")
@@ -24,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR",
                         help="where the adapter (PEFT format) and checkpoint-N folders go")
     parser.add_argument("--config", metavar="ADAPTER.json",
-                        help="adapter config (LoraConfig fields, e.g. {\"r\": 16, \"target_modules\": \"all-linear\"})")
+                        help="adapter config: the method's PEFT config fields, e.g. {\"r\": 16, \"target_modules\": \"all-linear\"}")
     parser.add_argument("--training-args", metavar="ARGS.json",
                         help="transformers.TrainingArguments names, e.g. {\"learning_rate\": 2e-4, \"max_steps\": 100}")
     parser.add_argument("--eval-data", metavar="FILE", help="evaluation data, same format and fields as --data")

@@ -169,6 +169,11 @@ def all_methods() -> dict[str, Method]:
     return dict(_METHODS)
 
 
+def method_names() -> tuple[str, ...]:
+    """Every registered method by its lower-case name (``lora``, ``ia3``, ...), as ``train`` takes it."""
+    return tuple(sorted(m.lower() for m in all_methods()))
+
+
 def layer_attrs() -> tuple[str, ...]:
     """Every method's per-adapter container names (``lora_A``, ``ia3_l``, ...)."""
     return tuple(dict.fromkeys(a for m in all_methods().values() for a in m.layer_attrs))

@@ -99,10 +99,10 @@ class HraLayer(AdapterLayer):
         for name in names:                       # W R_a R_b ...
             weight = self.reflected(name, weight)
         bias = self.bias.to(weight.dtype) if self.bias is not None else None
-        return self._apply(x.to(weight.dtype), weight, bias).to(x.dtype)
+        return self._reflect_forward(x.to(weight.dtype), weight, bias).to(x.dtype)
 
     @abc.abstractmethod
-    def _apply(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _reflect_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The base layer's op with the reflected ``weight``."""
 
     def __repr__(self) -> str:
@@ -112,7 +112,7 @@ class HraLayer(AdapterLayer):
 class Linear(HraLayer):
     """HRA on ``nn.Linear``: x ``[..., in]`` -> ``[..., out]``."""
 
-    def _apply(self, x, weight, bias):
+    def _reflect_forward(self, x, weight, bias):
         return F.linear(x, weight, bias)
 
 
@@ -131,7 +131,7 @@ class Conv2d(HraLayer):
                 f"groups={base_layer.groups}, kernel_size={kernel}); exclude it with exclude_modules")
         super().__init__(base_layer, module_path)
 
-    def _apply(self, x, weight, bias):
+    def _reflect_forward(self, x, weight, bias):
         return self.base_layer._conv_forward(x, weight, bias)
 
 
