@@ -91,8 +91,10 @@ def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
     if contract is not None:
         info["slots"] = [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "module": s.module,
                           "method": s.method} for s in contract.slots]
-        for slot in contract.slots:
+        for slot in contract.slots:  # "method": the module's branch forms, e.g. "lora+dora"
             entry = info["modules"].setdefault(slot.module, {"method": slot.method, "slots": []})
+            if slot.method not in entry["method"].split("+"):
+                entry["method"] += "+" + slot.method
             entry["slots"].append(slot.name)
     from .passes.extract_adapters import read_packing
     from .runtime import MULTI_ADAPTER_KEY
