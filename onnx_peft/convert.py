@@ -85,7 +85,10 @@ class PeftAdapter:
     def from_tensors(cls, name: str, source: str, config: AdapterConfig,
                      tensors: Mapping[str, np.ndarray]) -> PeftAdapter:
         method = method_for(config)
-        return cls(name, source, config, method, method.group(tensors, source))
+        saved = list(getattr(config, "modules_to_save", None) or [])
+        if getattr(config, "task_type", None) == "SEQ_CLS":  # PEFT adds the head for this task
+            saved += [h for h in ("classifier", "score") if h not in saved]
+        return cls(name, source, config, method, method.group(tensors, source, saved))
 
     @property
     def modules(self) -> dict[str, dict[str, np.ndarray]]:
@@ -139,6 +142,12 @@ def adapter_slots(adapter: PeftAdapter, dtype: Any, base_weight: BaseWeights,
                   module_map: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
     """Every slot tensor of ``adapter``, named ``<graph module>.<suffix>`` (``module_map``: adapter
     module path -> the graph's, identity when None), in ``dtype``."""
+    if adapter.tensors.full:
+        module = sorted(adapter.tensors.full)[0]
+        raise IncompatibleAdapterError(
+            f"{adapter.source}: module {module} is trained in full (modules_to_save) and the model has no "
+            "full-weight slot for it; export the model with this adapter (export(..., adapters=..., "
+            "mode='inputs')) and pass that model, or merge the adapter")
     out: dict[str, np.ndarray] = {}
     for module in sorted(adapter.modules):
         target = module_map.get(module, module) if module_map is not None else module

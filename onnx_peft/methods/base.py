@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import abc
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -46,6 +46,8 @@ class AdapterTensors:
 
     modules: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     shared: dict[str, np.ndarray] = field(default_factory=dict)
+    # modules trained in full (PEFT ``modules_to_save``): {module path: {"weight": W, "bias": b}}
+    full: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 BaseWeight = Callable[[], np.ndarray]
@@ -82,11 +84,17 @@ class Method(abc.ABC):
                 return name[: -len(suffix) - 1], suffix
         return None
 
-    def group(self, tensors: Mapping[str, np.ndarray], source: str = "adapter") -> AdapterTensors:
+    def group(self, tensors: Mapping[str, np.ndarray], source: str = "adapter",
+              saved_modules: Sequence[str] = ()) -> AdapterTensors:
         """Sort a PEFT checkpoint's tensors by module; a stray key or a missing one raises,
-        naming it."""
+        naming it. ``saved_modules`` (the config's ``modules_to_save``) name modules whose
+        ``.weight`` / ``.bias`` are whole trained tensors."""
         out = AdapterTensors()
         for key, value in tensors.items():
+            full = _saved_module_key(key, saved_modules)
+            if full is not None:
+                out.full.setdefault(full[0], {})[full[1]] = value
+                continue
             shared = self._shared_key(key)
             if shared is not None:
                 out.shared[shared] = value
@@ -140,6 +148,19 @@ class Method(abc.ABC):
     def tuner(self) -> Any:
         """The torch module of this method (imports torch)."""
         return importlib.import_module(self.tuner_module)
+
+
+def _saved_module_key(key: str, saved_modules: Sequence[str]) -> tuple[str, str] | None:
+    """``base_model.model.classifier.weight`` -> ``("classifier", "weight")`` when ``classifier``
+    (or a module inside it: ``classifier.out_proj``) is a modules_to_save module."""
+    name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    module, _, part = name.rpartition(".")
+    if part not in ("weight", "bias") or not module:
+        return None
+    for saved in saved_modules:
+        if module == saved or module.endswith("." + saved) or f"{saved}." in module:
+            return module, part
+    return None
 
 
 def register_method(cls: type[Method]) -> type[Method]:

@@ -115,6 +115,12 @@ class InsertAdapters(ir.passes.InPlacePass):
         adapter module that has no Linear, another size, or slots of another shape."""
         forms: dict[str, dict[str, tuple[str, dict[str, np.ndarray]]]] = {}
         for adapter in self.adapters.values():
+            if adapter.tensors.full:
+                module = sorted(adapter.tensors.full)[0]
+                raise IncompatibleAdapterError(
+                    f"{adapter.source}: module {module} is trained in full (modules_to_save), which insert "
+                    "cannot serve as a slot yet; export the model with this adapter (export --mode inputs "
+                    "for LoRA adapters, --mode merged for any) or merge it (onnx-peft merge)")
             mapping = self.module_maps.setdefault(adapter.name, {})
             for module in sorted(adapter.modules):
                 target = match_module(module, sites)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
@@ -27,6 +28,9 @@ from ..graph.io import load_model, save_model
 from ..graph.modules import LinearSite, constant_array, find_linear_sites, match_module
 from ..graph.sites import AdapterBranch, find_adapter_branches, remove_branch, remove_dead
 from ..methods.lora import dora_weight
+
+if TYPE_CHECKING:
+    from ..convert import PeftAdapter
 
 
 def _exclusive_chain(site: LinearSite) -> bool:
@@ -84,25 +88,45 @@ def set_merged_weight(graph: ir.Graph, site: LinearSite,
     site.node.replace_input_with(1, value)
 
 
-def set_merged_bias(graph: ir.Graph, site: LinearSite, merged_bias: Callable[[np.ndarray], np.ndarray]) -> None:
-    """Give ``site`` the bias ``merged_bias(b [out])`` (IA3 scales it), computed at save time."""
+def set_merged_bias(graph: ir.Graph, site: LinearSite, merged_bias: Callable[[np.ndarray], np.ndarray],
+                    out_dtype: np.dtype | None = None) -> None:
+    """Give ``site`` the bias ``merged_bias(b [out])`` (IA3 scales it; a trained head replaces it),
+    computed at save time. A Linear whose bias the exporter dropped (all zeros) gets an Add."""
     bias = site.bias
     old = constant_array(bias) if bias is not None else None
-    if old is None:
-        return
-    consumer = site.node if site.node.op_type == "Gemm" else site.output.producer()
-    index = next(i for i, v in enumerate(consumer.inputs) if v is bias)
+    if bias is not None and old is None:
+        raise IncompatibleAdapterError(f"module {site.module}: its bias is computed in the graph, not a constant")
+    dtype = np.dtype(old.dtype if old is not None else out_dtype or site.weight.dtype.numpy())
+    shape = old.shape if old is not None else (site.out_features,)
+    base = old if old is not None else np.zeros(shape, dtype)
     name = f"{site.module}.bias.merged"
-    dtype = ir.DataType.from_numpy(old.dtype)
 
     def compute() -> ir.TensorProtocol:
-        return ir.tensor(np.asarray(merged_bias(old.astype(np.float32))).astype(old.dtype).reshape(old.shape), name=name)
+        merged = np.asarray(merged_bias(base.astype(np.float32))).reshape(shape)
+        return ir.tensor(merged.astype(dtype), name=name)
 
-    value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(old.shape),
-                     const_value=ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(old.shape), name=name))
+    ir_dtype = ir.DataType.from_numpy(dtype)
+    value = ir.Value(name=name, type=ir.TensorType(ir_dtype), shape=ir.Shape(shape),
+                     const_value=ir.LazyTensor(compute, dtype=ir_dtype, shape=ir.Shape(shape), name=name))
     graph.register_initializer(value)
-    consumer.replace_input_with(index, value)
-    remove_dead(graph, [])
+    if bias is not None:
+        consumer = site.node if site.node.op_type == "Gemm" else site.output.producer()
+        consumer.replace_input_with(next(i for i, v in enumerate(consumer.inputs) if v is bias), value)
+        remove_dead(graph, [])
+        return
+    out = site.output
+    add = ir.node("Add", [out, value], name=f"{site.module}/merged_bias")
+    new = add.outputs[0]
+    new.type, new.shape = out.type, out.shape
+    graph.insert_after(out.producer(), add)
+    if out.is_graph_output():
+        graph.outputs[list(graph.outputs).index(out)] = new
+        out.name, new.name = f"{site.module}.unbiased", out.name
+    else:
+        new.name = f"{site.module}.biased"
+    for user, index in list(out.uses()):
+        if user is not add:
+            user.replace_input_with(index, new)
 
 
 class MergeAdapters(InPlacePass):
@@ -191,6 +215,22 @@ class MergeAdapters(InPlacePass):
 
                 set_merged_bias(model.graph, site, bias)
             set_merged_weight(model.graph, site, merged)
+            self.merged.append(module)
+        self._replace_saved_modules(model, adapter, sites)
+
+    def _replace_saved_modules(self, model: ir.Model, adapter: PeftAdapter, sites: dict[str, LinearSite]) -> None:
+        """Modules trained in full (modules_to_save heads) take their trained weight and bias."""
+        for module, parts in sorted(adapter.tensors.full.items()):
+            target = match_module(module, sites)
+            weight = parts.get("weight")
+            if target is None or weight is None or weight.shape != (sites[target].out_features, sites[target].in_features):
+                raise IncompatibleAdapterError(
+                    f"{self.adapter_dir}: module {module} is trained in full (modules_to_save) but the model has "
+                    "no Linear of that shape for it; only Linear heads can be merged into an ONNX graph")
+            site = sites[target]
+            set_merged_weight(model.graph, site, lambda w, weight=weight: np.asarray(weight, np.float32))
+            if "bias" in parts:
+                set_merged_bias(model.graph, site, lambda b, bias=parts["bias"]: np.asarray(bias, np.float32))
             self.merged.append(module)
 
 
