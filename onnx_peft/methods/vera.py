@@ -111,7 +111,7 @@ class VeraMethod(Method):
     shared_names = ("vera_A", "vera_B")
     layer_attrs = ("vera_lambda_b", "vera_lambda_d", "vera_A", "vera_B")
 
-    def group(self, tensors, source="adapter"):
+    def group(self, tensors, source="adapter", saved_modules=()):
         found = {self._shared_key(key) for key in tensors}
         if not set(self.shared_names) <= found:
             raise CheckpointError(
@@ -120,7 +120,7 @@ class VeraMethod(Method):
                 "the PyTorch model (onnx_peft.PeftModel.from_pretrained does). Re-save it with "
                 "save_projection=True: get_peft_model(base, VeraConfig(same fields, save_projection=True)), "
                 "copy the vera_lambda_* tensors in, save_pretrained")
-        return super().group(tensors, source)
+        return super().group(tensors, source, saved_modules)
 
     def _checked(self, config: VeraConfig, module: str, parts, shared) -> tuple[Any, Any, Any, Any]:
         lambda_b, lambda_d = parts["vera_lambda_b"], parts["vera_lambda_d"]
