@@ -156,7 +156,12 @@ class RotateInForm(Form):
 
     def build(self, g, v):
         rot = v[self.R]
-        n, b = (int(d) for d in rot.shape[-3:-1])
+        shape = rot.shape if rot.shape is not None else getattr(rot.const_value, "shape", None)
+        if shape is None:
+            from ..errors import OnnxPeftError
+
+            raise OnnxPeftError(f"{g.module}: the rotation slot {rot.name} has no known shape")
+        n, b = (int(d) for d in shape[-3:-1])
         if g.batched:  # x [batch, s, in] -> [batch, s, n, 1, b] @ R [batch, 1, n, b, b]
             blocks = g.op("Reshape", [g.x, g.const([0, -1, n, 1, b])], "rotate_blocks")
             rot = g.op("Unsqueeze", [rot, g.const([1])], "rotate_rows")
