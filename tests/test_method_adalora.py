@@ -9,8 +9,13 @@ import pytest
 import torch
 from method_cases.adalora import CASES
 from tiny_models import (
+    TOL,
+    assert_merge_verbs,
+    assert_round_trip,
     image_batch,
     max_diff,
+    peft_and_ours,
+    perturb_trainable,
     run,
     saved_keys,
     tiny_cnn,
@@ -26,7 +31,6 @@ from onnx_peft.tuners.adalora import AdaLoraLayer, RankAllocator
 
 peft = pytest.importorskip("peft")
 
-TOL = 1e-5
 BUILDERS = {"llama": (tiny_llama, token_ids), "gpt2": (tiny_gpt2, token_ids), "cnn": (tiny_cnn, image_batch)}
 # the conformance cases, plus Conv2d (torch only: the ONNX slots are for linear layers)
 TORCH_CASES = {**CASES, "adalora-cnn": dict(model="cnn", kwargs=dict(init_r=3, target_r=1, total_step=10,
@@ -38,11 +42,7 @@ SCHEDULE = dict(init_r=4, target_r=2, total_step=10, tinit=1, tfinal=3, deltaT=2
 
 def _perturb(model: torch.nn.Module, seed: int = 0) -> None:
     """Seeded noise on every trainable tensor (a fresh AdaLoRA adapter is a no-op: E = 0)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+    perturb_trainable(model, seed, 0.3)
 
 
 def _build(case: str):
@@ -52,16 +52,8 @@ def _build(case: str):
 
 
 def _pair(kwargs: dict, builder=tiny_llama):
-    """The same perturbed adapter in PEFT and here (PEFT's values copied over by name)."""
-    theirs = peft.get_peft_model(builder(), peft.AdaLoraConfig(**kwargs))
-    _perturb(theirs)
-    ours = onnx_peft.get_peft_model(builder(), onnx_peft.AdaLoraConfig(**kwargs))
-    params = dict(ours.named_parameters())
-    with torch.no_grad():
-        for name, param in theirs.named_parameters():
-            if param.requires_grad:
-                params[name].copy_(param)
-    return theirs, ours
+    """The same perturbed adapter in PEFT and here (PEFT's trainable values copied over by name)."""
+    return peft_and_ours(builder, peft.AdaLoraConfig(**kwargs), onnx_peft.AdaLoraConfig(**kwargs), strict=False)
 
 
 def _train_with_allocation(model, x, steps: int = 11) -> list[float]:
@@ -87,12 +79,8 @@ def test_peft_saved_adapter_loads_here_with_same_logits(case, tmp_path):
     builder, x, kwargs = _build(case)
     theirs = peft.get_peft_model(builder(), peft.AdaLoraConfig(**kwargs))
     _perturb(theirs)
-    theirs.save_pretrained(tmp_path)
 
-    ours = onnx_peft.PeftModel.from_pretrained(builder(), tmp_path)
-
-    assert max_diff(run(ours, x), run(theirs, x)) <= TOL
-    assert max_diff(run(ours, x), run(builder(), x)) > 1e-3
+    assert_round_trip(theirs, tmp_path, onnx_peft.PeftModel.from_pretrained, builder, x, changes_by=1e-3)
 
 
 @pytest.mark.parametrize("case", sorted(TORCH_CASES))
@@ -100,13 +88,10 @@ def test_adapter_saved_here_loads_in_peft_with_same_logits_and_keys(case, tmp_pa
     builder, x, kwargs = _build(case)
     ours = onnx_peft.get_peft_model(builder(), onnx_peft.AdaLoraConfig(**kwargs))
     _perturb(ours)
-    ours.save_pretrained(tmp_path / "ours")
     peft.get_peft_model(builder(), peft.AdaLoraConfig(**kwargs)).save_pretrained(tmp_path / "theirs")
 
-    theirs = peft.PeftModel.from_pretrained(builder(), tmp_path / "ours")
-
-    assert max_diff(run(theirs, x), run(ours, x)) <= TOL
-    assert saved_keys(tmp_path / "ours") == saved_keys(tmp_path / "theirs")
+    assert_round_trip(ours, tmp_path / "ours", peft.PeftModel.from_pretrained, builder, x,
+                      same_keys_as=tmp_path / "theirs")
 
 
 # -- rank allocation and regularisation, step by step with PEFT -----------------------------------
@@ -158,16 +143,10 @@ def test_allocated_adapter_saves_kept_triplets_and_loads_both_ways(tmp_path):
     _train_with_allocation(theirs, x)
     _train_with_allocation(ours, x)
 
-    theirs.save_pretrained(tmp_path / "theirs")
-    ours.save_pretrained(tmp_path / "ours")
-    ours_loaded = onnx_peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "theirs")
-    theirs_loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")
-
-    keys = saved_keys(tmp_path / "ours")
-    assert keys == saved_keys(tmp_path / "theirs")
-    assert keys["base_model.model.model.layers.0.self_attn.q_proj.lora_A"][0] < 4
-    assert max_diff(run(ours_loaded, x), run(theirs, x)) <= TOL
-    assert max_diff(run(theirs_loaded, x), run(ours, x)) <= TOL
+    assert_round_trip(theirs, tmp_path / "theirs", onnx_peft.PeftModel.from_pretrained, tiny_llama, x)
+    assert_round_trip(ours, tmp_path / "ours", peft.PeftModel.from_pretrained, tiny_llama, x,
+                      same_keys_as=tmp_path / "theirs")
+    assert saved_keys(tmp_path / "ours")["base_model.model.model.layers.0.self_attn.q_proj.lora_A"][0] < 4
 
 
 def test_state_dict_round_trip_after_allocation_keeps_the_outputs():
@@ -198,18 +177,7 @@ def test_merge_unmerge_and_merge_and_unload_equal_the_unmerged_forward(case):
     builder, x, kwargs = _build(case)
     ours = onnx_peft.get_peft_model(builder(), onnx_peft.AdaLoraConfig(**kwargs))
     _perturb(ours)
-    unmerged = run(ours, x)
-
-    ours.merge_adapter()
-    merged = run(ours, x)
-    ours.unmerge_adapter()
-    after_unmerge = run(ours, x)
-    plain = ours.merge_and_unload()
-
-    assert max_diff(merged, unmerged) <= TOL
-    assert max_diff(after_unmerge, unmerged) <= TOL
-    assert max_diff(run(plain, x), unmerged) <= TOL
-    assert not any(isinstance(m, AdaLoraLayer) for m in plain.modules())
+    assert_merge_verbs(ours, x, AdaLoraLayer)
 
 
 @pytest.mark.parametrize("case", sorted(TORCH_CASES))

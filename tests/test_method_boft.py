@@ -14,7 +14,19 @@ import numpy as np
 import pytest
 import torch
 from method_cases.boft import CASES
-from tiny_models import max_diff, run, saved_keys, tiny_gpt2, tiny_llama, token_ids
+from tiny_models import (
+    TOL,
+    assert_round_trip,
+    changed_since,
+    max_diff,
+    perturb_trainable,
+    run,
+    snapshot,
+    tiny_gpt2,
+    tiny_llama,
+    token_ids,
+    train_steps,
+)
 from torch import nn
 
 import onnx_peft
@@ -26,7 +38,6 @@ from onnx_peft.tuners.boft import block_dropout
 peft = pytest.importorskip("peft")
 import peft.tuners.boft.layer as peft_boft  # noqa: E402
 
-TOL = 1e-5
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
@@ -40,11 +51,7 @@ def peft_butterfly(monkeypatch):
 
 def randomize(model: nn.Module, seed: int = 0, scale: float = 0.3) -> None:
     """Seeded noise on every BOFT tensor (fresh BOFT is the identity rotation and scale 1)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if ".boft_R." in name or ".boft_s." in name:
-                param.add_(torch.randn(param.shape, generator=generator) * scale)
+    perturb_trainable(model, seed, scale, select=(".boft_R.", ".boft_s."))
 
 
 def ours(kwargs: dict, base: nn.Module | None = None) -> onnx_peft.PeftModel:
@@ -90,24 +97,17 @@ def test_block_dropout_makes_some_blocks_of_one_factor_the_identity():
 # -- (a) checkpoints move both ways --------------------------------------------------------
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_saved_adapter_loads_with_same_logits(tmp_path, case):
-    reference = theirs(CASES[case]["kwargs"])
-    reference.save_pretrained(tmp_path)
-    loaded = onnx_peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
-    ids = token_ids()
-    assert max_diff(run(loaded, ids), run(reference, ids)) <= TOL
-    assert max_diff(run(loaded, ids), run(tiny_llama(), ids)) > 1e-3  # the adapter does something
+    # changes_by: the adapter does something
+    assert_round_trip(theirs(CASES[case]["kwargs"]), tmp_path, onnx_peft.PeftModel.from_pretrained, tiny_llama,
+                      token_ids(), changes_by=1e-3)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_our_saved_adapter_loads_in_peft_with_same_logits_and_keys(tmp_path, case):
     kwargs = CASES[case]["kwargs"]
-    model = ours(kwargs)
-    model.save_pretrained(tmp_path / "ours")
     theirs(kwargs).save_pretrained(tmp_path / "peft")
-    assert saved_keys(tmp_path / "ours") == saved_keys(tmp_path / "peft")
-    loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")
-    ids = token_ids()
-    assert max_diff(run(loaded, ids), run(model, ids)) <= TOL
+    assert_round_trip(ours(kwargs), tmp_path / "ours", peft.PeftModel.from_pretrained, tiny_llama, token_ids(),
+                      same_keys_as=tmp_path / "peft")
 
 
 # -- (b) merging ---------------------------------------------------------------------------
@@ -149,20 +149,13 @@ def test_numpy_merged_weight_equals_torch_merged_weight_and_peft_merge(case):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_training_lowers_the_loss_and_changes_only_boft_tensors(case):
     model = onnx_peft.get_peft_model(tiny_llama(), onnx_peft.BOFTConfig(**CASES[case]["kwargs"]))
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    before = snapshot(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(".boft_" in n for n, p in model.named_parameters() if p.requires_grad)
     optimizer = torch.optim.Adam(trainable, lr=2e-2)
-    ids = token_ids(4, 12)
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, token_ids(4, 12), optimizer, steps=6)
     assert losses[-1] < losses[0] - 1e-3
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    changed = changed_since(model, before)
     assert {n.split(".")[-2] for n in changed} == {"boft_R", "boft_s"}
 
 
@@ -208,9 +201,12 @@ def test_rotate_in_and_dora_slots_reproduce_the_peft_layer_output(case):
     slots = method_for(config).slot_tensors(config, "0", parts, {}, lambda: weight)
     assert method_for(config).features(config, "0", parts) == (32, 12)
     rotation, factor = slots["rotate_in"]["rotation.weight"], slots["dora"]["dora_factor"]
-    assert set(slots) == {"rotate_in", "dora"} and rotation.shape == (1, 32, 32) and factor.shape == (12,)
+    # one butterfly factor is block-diagonal: its blocks, not a dense [32, 32] rotation
+    blocks, size = rotation.shape[0], rotation.shape[1]
+    assert set(slots) == {"rotate_in", "dora"} and blocks * size == 32 and blocks > 1 and factor.shape == (12,)
     x = np.random.default_rng(0).standard_normal((2, 5, 32)).astype(np.float32)
-    y = (x @ rotation[0]) @ weight.T + bias               # rotate_in, then the base Linear
+    rotated = np.einsum("...nk,nkc->...nc", x.reshape(2, 5, blocks, size), rotation).reshape(x.shape)
+    y = rotated @ weight.T + bias                          # rotate_in, then the base Linear
     y = (y - bias) * factor + bias                        # dora: scale the output without its bias
     expected = layer(torch.from_numpy(x)).detach().numpy()
     assert np.abs(y - expected).max() <= TOL

@@ -11,7 +11,21 @@ import numpy as np
 import pytest
 import torch
 from method_cases.fourierft import CASES
-from tiny_models import max_diff, run, saved_keys, tiny_gpt2, tiny_llama, token_ids
+from tiny_models import (
+    TOL,
+    assert_merge_verbs,
+    assert_round_trip,
+    changed_since,
+    max_diff,
+    perturb_trainable,
+    run,
+    saved_keys,
+    snapshot,
+    tiny_gpt2_with_biases,
+    tiny_llama,
+    token_ids,
+    train_steps,
+)
 
 import onnx_peft
 from onnx_peft.checkpoint import load_adapter_weights
@@ -22,46 +36,30 @@ from onnx_peft.tuners.fourierft import FourierFTLayer
 
 peft = pytest.importorskip("peft")
 
-TOL = 1e-5
 METHOD = method_for("FOURIERFT")
 
 
-def gpt2_with_biases() -> torch.nn.Module:
-    """tiny_gpt2 with seeded non-zero biases (GPT-2 starts them at zero)."""
-    model = tiny_gpt2()
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if name.endswith(".bias"):
-                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
-    return model
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2_with_biases}
 
 
-MODELS = {"llama": tiny_llama, "gpt2": gpt2_with_biases}
-
-
-def _build(case: str):
-    return MODELS[CASES[case]["model"]]()
+def _builder(case: str):
+    return MODELS[CASES[case]["model"]]
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> None:
     """Seeded spectra (PEFT draws them from the global RNG, so two libraries would differ)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if "fourierft_spectrum" in name:
-                param.copy_(torch.randn(param.shape, generator=generator))
+    perturb_trainable(model, seed, 1.0, select=("fourierft_spectrum",), around=0.0)
 
 
 def _ours(case: str, seed: int = 0, **overrides):
     config = FourierFTConfig(**{**CASES[case]["kwargs"], **overrides})
-    model = onnx_peft.get_peft_model(_build(case), config)
+    model = onnx_peft.get_peft_model(_builder(case)(), config)
     _perturb(model, seed)
     return model
 
 
 def _peft(case: str, seed: int = 0):
-    model = peft.get_peft_model(_build(case), peft.FourierFTConfig(**CASES[case]["kwargs"]))
+    model = peft.get_peft_model(_builder(case)(), peft.FourierFTConfig(**CASES[case]["kwargs"]))
     _perturb(model, seed)
     return model.eval()
 
@@ -112,25 +110,14 @@ def test_layers_place_frequencies_where_peft_does(case):
 # -- (a) checkpoints both ways ---------------------------------------------------------------
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_saved_adapter_loads_here_with_same_logits(case, tmp_path):
-    theirs = _peft(case, seed=1)
-    theirs.save_pretrained(tmp_path)
-
-    ours = onnx_peft.PeftModel.from_pretrained(_build(case), tmp_path).eval()
-
-    x = token_ids()
-    assert max_diff(run(ours, x), run(theirs, x)) <= TOL
-    assert max_diff(run(ours, x), run(_build(case), x)) > 1e-3  # the adapter really changes the output
+    # changes_by: the adapter really changes the output
+    assert_round_trip(_peft(case, seed=1), tmp_path, onnx_peft.PeftModel.from_pretrained, _builder(case),
+                      token_ids(), changes_by=1e-3)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_adapter_saved_here_loads_in_peft_with_same_logits(case, tmp_path):
-    ours = _ours(case, seed=2)
-    ours.save_pretrained(tmp_path)
-
-    theirs = peft.PeftModel.from_pretrained(_build(case), tmp_path).eval()
-
-    x = token_ids()
-    assert max_diff(run(ours, x), run(theirs, x)) <= TOL
+    assert_round_trip(_ours(case, seed=2), tmp_path, peft.PeftModel.from_pretrained, _builder(case), token_ids())
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -160,23 +147,7 @@ def test_init_weights_true_is_a_no_op():
 # -- (b) merging -------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_merge_unmerge_and_merge_and_unload_equal_the_unmerged_forward(case):
-    model = _ours(case)
-    x = token_ids()
-    unmerged = run(model, x)
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
-
-    model.merge_adapter()
-    merged = run(model, x)
-    model.unmerge_adapter()
-    restored = run(model, x)
-    restored_state = model.state_dict()
-    plain = model.merge_and_unload()
-
-    assert max_diff(merged, unmerged) <= TOL
-    assert max_diff(restored, unmerged) <= TOL
-    assert max_diff(run(plain, x), unmerged) <= TOL
-    assert not any(isinstance(m, FourierFTLayer) for m in plain.modules())
-    assert max(max_diff(v, restored_state[k]) for k, v in base_state.items()) <= 1e-6
+    assert_merge_verbs(_ours(case), token_ids(), FourierFTLayer, restores_state_to=1e-6)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -203,20 +174,12 @@ def test_method_merged_weight_on_numpy_equals_the_torch_merge(case):
 def test_training_lowers_the_loss_and_changes_only_spectra(case):
     torch.manual_seed(0)
     model = _ours(case).train()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=3e-2)
-    x = token_ids(batch=4, seq=8)
+    before = snapshot(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
 
-    losses = []
-    for _ in range(8):
-        loss = model(input_ids=x, labels=x).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(model, token_ids(batch=4, seq=8), optimizer, steps=8)
 
-    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    changed = changed_since(model, before)
     assert losses[-1] < losses[0] - 1e-3
     assert changed == {k for k in before if ".fourierft_spectrum." in k}
 

@@ -15,14 +15,19 @@ import pytest
 import torch
 from method_cases.hra import CASES as ONNX_CASES
 from tiny_models import (
+    TOL,
+    assert_round_trip,
+    changed_since,
     image_batch,
     max_diff,
+    perturb_trainable,
     run,
-    saved_keys,
+    snapshot,
     tiny_cnn,
     tiny_gpt2,
     tiny_llama,
     token_ids,
+    train_steps,
 )
 
 import onnx_peft
@@ -32,7 +37,6 @@ from onnx_peft.tuners.hra import HraLayer
 
 peft = pytest.importorskip("peft")
 
-TOL = 1e-5
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 # name -> (base builder, inputs, HRAConfig kwargs shared by both libraries)
@@ -49,11 +53,7 @@ CASES = {
 
 def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> None:
     """Random ``hra_u`` (PEFT's init pairs equal vectors: R = I, a no-op that hides bugs)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if "hra_u" in name:
-                param.add_(torch.randn(param.shape, generator=generator) * scale)
+    perturb_trainable(model, seed, scale, select=("hra_u",))
 
 
 def hra_layers(model: torch.nn.Module) -> dict[str, HraLayer]:
@@ -69,22 +69,15 @@ def test_checkpoints_move_both_ways_with_the_same_logits(case, tmp_path):
     x = inputs()
     theirs = peft.get_peft_model(build(), peft.HRAConfig(**kwargs))
     perturb(theirs, seed=0)
-    expected = run(theirs, x)
-    assert max_diff(expected, run(build(), x)) > 1e-3  # the adapter does something
-    theirs.save_pretrained(tmp_path / "peft")
-
-    loaded = onnx_peft.PeftModel.from_pretrained(build(), tmp_path / "peft")
-    assert max_diff(run(loaded, x), expected) <= TOL
+    assert max_diff(run(theirs, x), run(build(), x)) > 1e-3  # the adapter does something
+    assert_round_trip(theirs, tmp_path / "peft", onnx_peft.PeftModel.from_pretrained, build, x)
 
     ours = onnx_peft.get_peft_model(build(), onnx_peft.HRAConfig(**kwargs))
     perturb(ours, seed=1)
-    ours_expected = run(ours, x)
-    ours.save_pretrained(tmp_path / "ours")
-    assert saved_keys(tmp_path / "ours") == saved_keys(tmp_path / "peft")
+    assert_round_trip(ours, tmp_path / "ours", peft.PeftModel.from_pretrained, build, x,
+                      same_keys_as=tmp_path / "peft")
     config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"], config["apply_GS"]) == ("HRA", kwargs["r"], kwargs.get("apply_GS", False))
-    back = peft.PeftModel.from_pretrained(build(), tmp_path / "ours")
-    assert max_diff(run(back, x), ours_expected) <= TOL
 
 
 def test_a_fresh_adapter_with_even_r_is_the_identity():
@@ -142,18 +135,11 @@ def test_merge_unmerge_and_merge_and_unload_equal_the_unmerged_forward(case):
 def test_a_few_training_steps_lower_the_loss_and_change_only_hra_u():
     model = onnx_peft.get_peft_model(tiny_llama(), onnx_peft.HRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
     model.train()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = snapshot(model)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    x = token_ids()
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=x, labels=x).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(model, token_ids(), optimizer, steps=6)
     assert losses[-1] < losses[0] - 1e-3
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    changed = changed_since(model, before)
     trainable = {n for n, p in model.named_parameters() if "hra_u" in n}
     assert changed == trainable and len(trainable) == 4
 

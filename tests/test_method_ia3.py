@@ -11,7 +11,21 @@ import numpy as np
 import pytest
 import torch
 from method_cases.ia3 import CASES
-from tiny_models import max_diff, run, saved_keys, tiny_gpt2, tiny_llama, token_ids
+from tiny_models import (
+    TOL,
+    assert_merge_verbs,
+    assert_round_trip,
+    changed_since,
+    max_diff,
+    perturb_trainable,
+    run,
+    saved_keys,
+    snapshot,
+    tiny_gpt2_with_biases,
+    tiny_llama,
+    token_ids,
+    train_steps,
+)
 
 import onnx_peft
 from onnx_peft.errors import AdapterConfigError, IncompatibleAdapterError
@@ -21,46 +35,29 @@ from onnx_peft.tuners.ia3 import IA3Layer
 
 peft = pytest.importorskip("peft")
 
-TOL = 1e-5
 
 
-def gpt2_with_biases() -> torch.nn.Module:
-    """tiny_gpt2 with seeded non-zero biases (GPT-2 starts them at zero, which would hide how
-    output scaling treats the bias)."""
-    model = tiny_gpt2()
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if name.endswith(".bias"):
-                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
-    return model
-
-
-MODELS = {"llama": tiny_llama, "gpt2": gpt2_with_biases}
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2_with_biases}
 METHOD = method_for("IA3")
 
 
-def _build(case: str):
-    return MODELS[CASES[case]["model"]]()
+def _builder(case: str):
+    return MODELS[CASES[case]["model"]]
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> None:
     """Give every ia3_l non-trivial values ``1 + 0.3 * noise`` (a fresh IA3 adapter is all ones)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if "ia3_l" in name:
-                param.copy_(1 + 0.3 * torch.randn(param.shape, generator=generator))
+    perturb_trainable(model, seed, select=("ia3_l",), around=1.0)
 
 
 def _ours(case: str, seed: int = 0):
-    model = onnx_peft.get_peft_model(_build(case), IA3Config(**CASES[case]["kwargs"]))
+    model = onnx_peft.get_peft_model(_builder(case)(), IA3Config(**CASES[case]["kwargs"]))
     _perturb(model, seed)
     return model
 
 
 def _peft(case: str, seed: int = 0):
-    model = peft.get_peft_model(_build(case), peft.IA3Config(**CASES[case]["kwargs"]))
+    model = peft.get_peft_model(_builder(case)(), peft.IA3Config(**CASES[case]["kwargs"]))
     _perturb(model, seed)
     return model.eval()
 
@@ -72,25 +69,14 @@ def _ia3_layers(model) -> dict[str, IA3Layer]:
 # -- (a) checkpoints both ways ---------------------------------------------------------------
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_saved_adapter_loads_here_with_same_logits(case, tmp_path):
-    theirs = _peft(case, seed=1)
-    theirs.save_pretrained(tmp_path)
-
-    ours = onnx_peft.PeftModel.from_pretrained(_build(case), tmp_path).eval()
-
-    x = token_ids()
-    assert max_diff(run(ours, x), run(theirs, x)) <= TOL
-    assert max_diff(run(ours, x), run(_build(case), x)) > 1e-3  # the adapter really changes the output
+    # changes_by: the adapter really changes the output
+    assert_round_trip(_peft(case, seed=1), tmp_path, onnx_peft.PeftModel.from_pretrained, _builder(case),
+                      token_ids(), changes_by=1e-3)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_adapter_saved_here_loads_in_peft_with_same_logits(case, tmp_path):
-    ours = _ours(case, seed=2)
-    ours.save_pretrained(tmp_path)
-
-    theirs = peft.PeftModel.from_pretrained(_build(case), tmp_path).eval()
-
-    x = token_ids()
-    assert max_diff(run(ours, x), run(theirs, x)) <= TOL
+    assert_round_trip(_ours(case, seed=2), tmp_path, peft.PeftModel.from_pretrained, _builder(case), token_ids())
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -121,24 +107,8 @@ def test_fresh_adapter_is_a_no_op():
 # -- (b) merging -------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_merge_unmerge_and_merge_and_unload_equal_the_unmerged_forward(case):
-    model = _ours(case)
-    x = token_ids()
-    unmerged = run(model, x)
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
-
-    model.merge_adapter()
-    merged = run(model, x)
-    model.unmerge_adapter()
-    restored = run(model, x)
-    restored_state = model.state_dict()
-    plain = model.merge_and_unload()
-
-    assert max_diff(merged, unmerged) <= TOL
-    assert max_diff(restored, unmerged) <= TOL
-    assert max_diff(run(plain, x), unmerged) <= TOL
-    assert not any(isinstance(m, IA3Layer) for m in plain.modules())
     # unmerging divides the scales back out of weights and biases
-    assert max(max_diff(v, restored_state[k]) for k, v in base_state.items()) <= 1e-6
+    assert_merge_verbs(_ours(case), token_ids(), IA3Layer, restores_state_to=1e-6)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -185,20 +155,12 @@ def test_merging_two_active_adapters_equals_their_product():
 def test_training_lowers_the_loss_and_changes_only_ia3_vectors(case):
     torch.manual_seed(0)
     model = _ours(case).train()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=3e-2)
-    x = token_ids(batch=4, seq=8)
+    before = snapshot(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
 
-    losses = []
-    for _ in range(8):
-        loss = model(input_ids=x, labels=x).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(model, token_ids(batch=4, seq=8), optimizer, steps=8)
 
-    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    changed = changed_since(model, before)
     assert losses[-1] < losses[0] - 1e-3
     assert changed and all(".ia3_l." in k for k in changed)
     assert changed == {k for k in before if ".ia3_l." in k}

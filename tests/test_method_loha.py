@@ -13,14 +13,21 @@ import pytest
 import torch
 from method_cases.loha import CASES as ONNX_CASES
 from tiny_models import (
+    TOL,
+    adapter_arrays,
+    assert_round_trip,
+    changed_since,
     image_batch,
     max_diff,
+    peft_and_ours,
+    perturb_trainable,
     run,
-    saved_keys,
+    snapshot,
     tiny_cnn,
     tiny_gpt2,
     tiny_llama,
     token_ids,
+    train_steps,
 )
 
 import onnx_peft
@@ -31,7 +38,6 @@ from onnx_peft.tuners.loha import LoHaLayer
 
 peft = pytest.importorskip("peft")
 
-TOL = 1e-5
 METHOD = method_for("LOHA")
 
 # name -> (base builder, inputs, LoHaConfig kwargs shared by both libraries); the Llama ones are
@@ -48,27 +54,20 @@ CASES = {
 }
 
 
+ADAPTER_TENSORS = ("hada_", "modules_to_save")  # every adapter tensor, same names in both libraries
+
+
 def perturb(model: torch.nn.Module, seed: int) -> None:
-    """Seeded noise on every adapter tensor, visited by sorted name (same numbers in both libraries)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if "hada_" in name or "modules_to_save" in name:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+    perturb_trainable(model, seed, select=ADAPTER_TENSORS)
 
 
-def ours_and_peft(kwargs: dict, build=tiny_llama, seed: int = 0):
-    """(ours, PEFT's) adapters of ``kwargs`` holding the same perturbed tensors."""
-    ours = onnx_peft.get_peft_model(build(), LoHaConfig(**kwargs))
-    theirs = peft.get_peft_model(build(), peft.LoHaConfig(**kwargs))
-    perturb(theirs, seed)
-    ours.load_state_dict(theirs.state_dict())  # same module tree, same names
-    return ours, theirs
+def pair(kwargs: dict, build=tiny_llama, seed: int = 0):
+    """(PEFT's, ours) adapters of ``kwargs`` holding the same perturbed tensors (same module tree)."""
+    return peft_and_ours(build, peft.LoHaConfig(**kwargs), LoHaConfig(**kwargs), seed, select=ADAPTER_TENSORS)
 
 
-def numpy_parts(layer: torch.nn.Module, adapter: str = "default") -> dict[str, np.ndarray]:
-    return {name: getattr(layer, name)[adapter].detach().numpy() for name in METHOD.tensor_names
-            if adapter in getattr(layer, name)}
+def numpy_parts(layer: torch.nn.Module) -> dict[str, np.ndarray]:
+    return adapter_arrays(layer, METHOD.tensor_names)
 
 
 # -- (a) checkpoints both ways ------------------------------------------------------------------
@@ -77,13 +76,9 @@ def test_adapter_saved_by_peft_loads_here_with_same_logits(case, tmp_path):
     build, inputs, kwargs = CASES[case]
     theirs = peft.get_peft_model(build(), peft.LoHaConfig(**kwargs))
     perturb(theirs, seed=1)
-    theirs.save_pretrained(tmp_path)
 
-    ours = onnx_peft.PeftModel.from_pretrained(build(), tmp_path)
-
-    x = inputs()
-    assert max_diff(run(ours, x), run(theirs.eval(), x)) <= TOL
-    assert max_diff(run(ours, x), run(build(), x)) > 1e-3  # the adapter really changes the output
+    # changes_by: the adapter really changes the output
+    assert_round_trip(theirs.eval(), tmp_path, onnx_peft.PeftModel.from_pretrained, build, inputs(), changes_by=1e-3)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -91,18 +86,13 @@ def test_adapter_saved_here_loads_in_peft_with_same_logits_keys_and_shapes(case,
     build, inputs, kwargs = CASES[case]
     ours = onnx_peft.get_peft_model(build(), LoHaConfig(**kwargs))
     perturb(ours, seed=2)
-    ours.save_pretrained(tmp_path / "ours")
-    peft.get_peft_model(build(), peft.LoHaConfig(**kwargs)).save_pretrained(tmp_path / "peft")
+    reference = peft.get_peft_model(build(), peft.LoHaConfig(**kwargs))
+    reference.save_pretrained(tmp_path / "peft")
 
-    theirs = peft.PeftModel.from_pretrained(build(), tmp_path / "ours").eval()
-
-    x = inputs()
-    assert max_diff(run(ours.eval(), x), run(theirs, x)) <= TOL
-    assert saved_keys(tmp_path / "ours") == saved_keys(tmp_path / "peft")
+    assert_round_trip(ours.eval(), tmp_path / "ours", peft.PeftModel.from_pretrained, build, inputs(),
+                      same_keys_as=tmp_path / "peft")
     trainable = sorted(n for n, p in ours.named_parameters() if p.requires_grad)
-    peft_trainable = sorted(n for n, p in peft.get_peft_model(build(), peft.LoHaConfig(**kwargs)).named_parameters()
-                            if p.requires_grad)
-    assert trainable == peft_trainable
+    assert trainable == sorted(n for n, p in reference.named_parameters() if p.requires_grad)
 
 
 def test_config_fields_and_defaults_equal_peft(tmp_path):
@@ -155,7 +145,7 @@ def test_merge_unmerge_and_merge_and_unload_equal_the_unmerged_forward(case):
 @pytest.mark.parametrize("case", ["patterns", "conv", "conv-effective"])
 def test_numpy_merged_weight_equals_the_torch_merged_weight(case):
     build, _, kwargs = CASES[case]
-    ours, _ = ours_and_peft(kwargs, build, seed=4)
+    _, ours = pair(kwargs, build, seed=4)
     config = ours.peft_config["default"]
     layers = {path: m for path, m in ours.base_model.model.named_modules() if isinstance(m, LoHaLayer)}
     before = {path: m.base_layer.weight.detach().numpy().copy() for path, m in layers.items()}
@@ -172,26 +162,19 @@ def test_numpy_merged_weight_equals_the_torch_merged_weight(case):
 def test_a_plain_training_loop_lowers_the_loss_and_changes_only_adapter_tensors():
     model = onnx_peft.get_peft_model(tiny_llama(), LoHaConfig(r=4, alpha=8, target_modules="all-linear"))
     model.train()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = snapshot(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = token_ids(batch=4, seq=12)
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, token_ids(batch=4, seq=12), optimizer, steps=6)
 
     assert losses[-1] < losses[0] - 0.05
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    changed = changed_since(model, before)
     assert changed and all(".hada_" in n for n in changed)
     assert any(".hada_w2_b." in n for n in changed) and any(".hada_w1_a." in n for n in changed)
 
 
 def test_training_forward_with_rank_and_module_dropout_equals_peft_under_one_seed():
     kwargs = dict(r=4, alpha=8, rank_dropout=0.5, module_dropout=0.3, target_modules=["q_proj", "down_proj"])
-    ours, theirs = ours_and_peft(kwargs, seed=5)
+    theirs, ours = pair(kwargs, seed=5)
     ours.train()
     theirs.train()
     ids = token_ids()
@@ -232,7 +215,7 @@ def test_a_bad_config_field_raises_naming_it(kwargs, field):
 
 
 def test_factors_of_another_rank_than_the_config_raise():
-    ours, _ = ours_and_peft(CASES["linear"][2])
+    _, ours = pair(CASES["linear"][2])
     layer = ours.base_model.model.model.layers[0].self_attn.q_proj
 
     with pytest.raises(IncompatibleAdapterError, match="r=2"):
@@ -245,7 +228,7 @@ def test_factors_of_another_rank_than_the_config_raise():
                                        ("conv", "fc")])  # fc has a bias
 def test_dense_slot_reproduces_the_peft_layer(case, path):
     build, _, kwargs = CASES[case]
-    _, theirs = ours_and_peft(kwargs, build, seed=6)
+    theirs, _ = pair(kwargs, build, seed=6)
     layer = theirs.base_model.model.get_submodule(path)
     weight = layer.base_layer.weight.detach().numpy()
     bias = layer.base_layer.bias
@@ -265,6 +248,6 @@ def test_dense_slot_reproduces_the_peft_layer(case, path):
 
 
 def test_an_effective_conv_adapter_has_no_dense_slot():
-    ours, _ = ours_and_peft(CASES["conv-effective"][2], tiny_cnn)
+    _, ours = pair(CASES["conv-effective"][2], tiny_cnn)
     with pytest.raises(IncompatibleAdapterError, match="conv1 has a LOHA convolution update"):
         METHOD.slot_tensors(ours.peft_config["default"], "conv1", numpy_parts(ours.base_model.model.conv1), {}, None)

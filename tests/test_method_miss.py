@@ -15,7 +15,20 @@ import pytest
 import torch
 from method_cases.miss import CASES as ONNX_CASES
 from safetensors.torch import load_file, save_file
-from tiny_models import max_diff, run, saved_keys, tiny_gpt2, tiny_llama, token_ids
+from tiny_models import (
+    TOL,
+    assert_round_trip,
+    changed_since,
+    max_diff,
+    perturb_trainable,
+    run,
+    saved_keys,
+    snapshot,
+    tiny_gpt2,
+    tiny_llama,
+    token_ids,
+    train_steps,
+)
 
 import onnx_peft
 from onnx_peft.errors import AdapterConfigError, IncompatibleAdapterError
@@ -24,7 +37,6 @@ from onnx_peft.tuners.miss import MissLayer
 
 peft = pytest.importorskip("peft")
 
-TOL = 1e-5
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 # name -> MissConfig kwargs shared by both libraries (all on tiny_llama: q/k/v/o 32->32|16, mlp 32<->64)
@@ -39,11 +51,7 @@ CASES = {
 
 def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> None:
     """Random blocks (MiSS's default init is zeros: a no-op that hides bugs)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if "miss_block" in name or "bone_block" in name:
-                param.add_(torch.randn(param.shape, generator=generator) * scale)
+    perturb_trainable(model, seed, scale, select=("miss_block", "bone_block"))
 
 
 def miss_layers(model: torch.nn.Module) -> dict[str, MissLayer]:
@@ -52,12 +60,11 @@ def miss_layers(model: torch.nn.Module) -> dict[str, MissLayer]:
     return {name: m for name, m in root.named_modules() if isinstance(m, MissLayer)}
 
 
-def peft_miss_dir(kwargs: dict, directory, seed: int = 0) -> torch.Tensor:
-    """Save a PEFT MiSS adapter with random blocks in ``directory``; return its logits."""
+def peft_miss(kwargs: dict, seed: int = 0) -> torch.nn.Module:
+    """A PEFT MiSS adapter with random blocks."""
     theirs = peft.get_peft_model(tiny_llama(), peft.MissConfig(**kwargs)).eval()  # eval: no miss_dropout
     perturb(theirs, seed)
-    theirs.save_pretrained(directory)
-    return run(theirs, token_ids())
+    return theirs
 
 
 def rename_checkpoint(src, dst, peft_type: str, old: str, new: str, drop=()) -> None:
@@ -74,20 +81,16 @@ def rename_checkpoint(src, dst, peft_type: str, old: str, new: str, drop=()) -> 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_checkpoints_move_both_ways_with_the_same_logits(case, tmp_path):
     kwargs, x = CASES[case], token_ids()
-    expected = peft_miss_dir(kwargs, tmp_path / "peft")
-    assert max_diff(expected, run(tiny_llama(), x)) > 1e-3  # the adapter does something
-    loaded = onnx_peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "peft").eval()
-    assert max_diff(run(loaded, x), expected) <= TOL
+    theirs = peft_miss(kwargs)
+    assert max_diff(run(theirs, x), run(tiny_llama(), x)) > 1e-3  # the adapter does something
+    assert_round_trip(theirs, tmp_path / "peft", onnx_peft.PeftModel.from_pretrained, tiny_llama, x)
 
     ours = onnx_peft.get_peft_model(tiny_llama(), onnx_peft.MissConfig(**kwargs)).eval()
     perturb(ours, seed=1)
-    ours_expected = run(ours, x)
-    ours.save_pretrained(tmp_path / "ours")
-    assert saved_keys(tmp_path / "ours") == saved_keys(tmp_path / "peft")
+    assert_round_trip(ours, tmp_path / "ours", peft.PeftModel.from_pretrained, tiny_llama, x,
+                      same_keys_as=tmp_path / "peft")
     config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert (config["peft_type"], config["init_weights"]) == ("MISS", kwargs.get("init_weights", True))
-    back = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours").eval()
-    assert max_diff(run(back, x), ours_expected) <= TOL
 
 
 def test_peft_0_21_no_longer_reads_bone_configs(tmp_path):
@@ -99,7 +102,9 @@ def test_peft_0_21_no_longer_reads_bone_configs(tmp_path):
 @pytest.mark.parametrize("case", ["balance-padded", "bat"])
 def test_a_bone_checkpoint_runs_with_miss_math_and_saves_as_bone(case, tmp_path):
     x, kwargs = token_ids(), CASES[case]
-    expected = peft_miss_dir(kwargs, tmp_path / "miss")
+    theirs = peft_miss(kwargs)
+    theirs.save_pretrained(tmp_path / "miss")
+    expected = run(theirs, x)
     rename_checkpoint(tmp_path / "miss", tmp_path / "bone", "BONE", ".miss_", ".bone_", drop=("miss_dropout", "mini_r"))
     bone = onnx_peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "bone")
     assert type(bone.peft_config["default"]).__name__ == "BoneConfig"
@@ -160,18 +165,11 @@ def test_balance_and_bat_adapters_active_together_fold_in_order():
 def test_a_few_training_steps_lower_the_loss_and_change_only_the_blocks(kwargs):
     model = onnx_peft.get_peft_model(tiny_llama(), onnx_peft.MissConfig(target_modules=["q_proj", "v_proj"], **kwargs))
     model.train()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = snapshot(model)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.02)
-    x = token_ids()
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=x, labels=x).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(model, token_ids(), optimizer, steps=6)
     assert losses[-1] < losses[0] - 1e-3
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    changed = changed_since(model, before)
     trainable = {n for n, p in model.named_parameters() if "miss_block" in n}
     assert changed == trainable and len(trainable) == 4
 

@@ -8,7 +8,20 @@ import numpy as np
 import pytest
 import torch
 from method_cases.oft import CASES
-from tiny_models import max_diff, run, saved_keys, tiny_gpt2, tiny_llama, token_ids
+from tiny_models import (
+    TOL,
+    assert_round_trip,
+    changed_since,
+    max_diff,
+    perturb_trainable,
+    run,
+    saved_keys,
+    snapshot,
+    tiny_gpt2,
+    tiny_llama,
+    token_ids,
+    train_steps,
+)
 from torch import nn
 
 import onnx_peft
@@ -19,17 +32,12 @@ from onnx_peft.methods.oft import cayley, coft_project, skew_symmetric
 peft = pytest.importorskip("peft")
 from peft.tuners.oft.layer import OFTRotationModule  # noqa: E402
 
-TOL = 1e-5
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
 def randomize(model: nn.Module, seed: int = 0, scale: float = 0.1) -> None:
     """Seeded noise on every OFT tensor (a fresh OFT adapter is the identity rotation)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if ".oft_R." in name:
-                param.add_(torch.randn(param.shape, generator=generator) * scale)
+    perturb_trainable(model, seed, scale, select=(".oft_R.",))
 
 
 def ours(kwargs: dict, base: nn.Module | None = None) -> onnx_peft.PeftModel:
@@ -71,25 +79,17 @@ def test_numpy_coft_projection_equals_peft():
 # -- (a) checkpoints move both ways --------------------------------------------------------
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_saved_adapter_loads_with_same_logits(tmp_path, case):
-    kwargs = CASES[case]["kwargs"]
-    reference = theirs(kwargs)
-    reference.save_pretrained(tmp_path)
-    loaded = onnx_peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
-    ids = token_ids()
-    assert max_diff(run(loaded, ids), run(reference, ids)) <= TOL
-    assert max_diff(run(loaded, ids), run(tiny_llama(), ids)) > 1e-3  # the adapter does something
+    # changes_by: the adapter does something
+    assert_round_trip(theirs(CASES[case]["kwargs"]), tmp_path, onnx_peft.PeftModel.from_pretrained, tiny_llama,
+                      token_ids(), changes_by=1e-3)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_our_saved_adapter_loads_in_peft_with_same_logits_and_keys(tmp_path, case):
     kwargs = CASES[case]["kwargs"]
-    model = ours(kwargs)
-    model.save_pretrained(tmp_path / "ours")
     theirs(kwargs).save_pretrained(tmp_path / "peft")
-    assert saved_keys(tmp_path / "ours") == saved_keys(tmp_path / "peft")
-    loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")
-    ids = token_ids()
-    assert max_diff(run(loaded, ids), run(model, ids)) <= TOL
+    assert_round_trip(ours(kwargs), tmp_path / "ours", peft.PeftModel.from_pretrained, tiny_llama, token_ids(),
+                      same_keys_as=tmp_path / "peft")
 
 
 def test_non_dividing_block_size_is_moved_to_the_nearest_divisor_like_peft(tmp_path):
@@ -138,20 +138,13 @@ def test_numpy_merged_weight_equals_torch_merged_weight_and_peft_merge(case):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_training_lowers_the_loss_and_changes_only_oft_tensors(case):
     model = onnx_peft.get_peft_model(tiny_llama(), onnx_peft.OFTConfig(**CASES[case]["kwargs"]))
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    before = snapshot(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(".oft_R." in n for n, p in model.named_parameters() if p.requires_grad)
     optimizer = torch.optim.Adam(trainable, lr=2e-2)
-    ids = token_ids(4, 12)
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, token_ids(4, 12), optimizer, steps=6)
     assert losses[-1] < losses[0] - 1e-3
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    changed = changed_since(model, before)
     assert changed and all(".oft_R." in n for n in changed)
 
 

@@ -7,7 +7,21 @@ import numpy as np
 import pytest
 import torch
 from method_cases.vera import CASES
-from tiny_models import max_diff, run, saved_keys, tiny_gpt2, tiny_llama, token_ids
+from tiny_models import (
+    TOL,
+    assert_merge_verbs,
+    assert_round_trip,
+    changed_since,
+    max_diff,
+    perturb_trainable,
+    run,
+    saved_keys,
+    snapshot,
+    tiny_gpt2,
+    tiny_llama,
+    token_ids,
+    train_steps,
+)
 
 import onnx_peft
 from onnx_peft.convert import PeftAdapter
@@ -17,23 +31,23 @@ from onnx_peft.tuners.vera import VeraLayer
 
 peft = pytest.importorskip("peft")
 
-TOL = 1e-5
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
 
 def _perturb(model: torch.nn.Module, seed: int = 0) -> None:
     """Seeded noise on every trainable tensor (a fresh VeRA adapter is a no-op: lambda_b = 0)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.5)
+    perturb_trainable(model, seed, 0.5)
 
 
-def _peft_saved(case: str, path, **overrides):
+def _peft(case: str, **overrides):
     spec = CASES[case]
     model = peft.get_peft_model(BUILDERS[spec["model"]](), peft.VeraConfig(**{**spec["kwargs"], **overrides}))
     _perturb(model)
+    return model
+
+
+def _peft_saved(case: str, path, **overrides):
+    model = _peft(case, **overrides)
     model.save_pretrained(path)
     return model
 
@@ -73,26 +87,16 @@ def test_projections_are_sized_for_the_largest_layer_like_peft():
 # -- (a) checkpoints both ways -------------------------------------------------------------------
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_saved_adapter_loads_here_with_same_logits(case, tmp_path):
-    theirs = _peft_saved(case, tmp_path)
-    x = token_ids()
-
-    ours = onnx_peft.PeftModel.from_pretrained(BUILDERS[CASES[case]["model"]](), tmp_path)
-
-    assert max_diff(run(ours, x), run(theirs, x)) <= TOL
-    assert max_diff(run(ours, x), run(BUILDERS[CASES[case]["model"]](), x)) > 1e-2
+    assert_round_trip(_peft(case), tmp_path, onnx_peft.PeftModel.from_pretrained, BUILDERS[CASES[case]["model"]],
+                      token_ids(), changes_by=1e-2)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_adapter_saved_here_loads_in_peft_with_same_logits_and_keys(case, tmp_path):
-    ours = _ours(case)
-    ours.save_pretrained(tmp_path / "ours")
     _peft_saved(case, tmp_path / "theirs")
-    x = token_ids()
 
-    theirs = peft.PeftModel.from_pretrained(BUILDERS[CASES[case]["model"]](), tmp_path / "ours")
-
-    assert max_diff(run(theirs, x), run(ours, x)) <= TOL
-    assert saved_keys(tmp_path / "ours") == saved_keys(tmp_path / "theirs")
+    assert_round_trip(_ours(case), tmp_path / "ours", peft.PeftModel.from_pretrained, BUILDERS[CASES[case]["model"]],
+                      token_ids(), same_keys_as=tmp_path / "theirs")
 
 
 def test_checkpoint_without_projections_is_redrawn_from_the_key(tmp_path):
@@ -150,20 +154,7 @@ def test_vera_only_bias_trains_and_is_saved_like_peft(tmp_path):
 # -- (b) merging ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_merge_unmerge_and_merge_and_unload_equal_the_unmerged_forward(case):
-    ours = _ours(case)
-    x = token_ids()
-    unmerged = run(ours, x)
-
-    ours.merge_adapter()
-    merged = run(ours, x)
-    ours.unmerge_adapter()
-    after_unmerge = run(ours, x)
-    plain = ours.merge_and_unload()
-
-    assert max_diff(merged, unmerged) <= TOL
-    assert max_diff(after_unmerge, unmerged) <= TOL
-    assert max_diff(run(plain, x), unmerged) <= TOL
-    assert not any(isinstance(m, VeraLayer) for m in plain.modules())
+    assert_merge_verbs(_ours(case), token_ids(), VeraLayer)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -190,21 +181,13 @@ def test_numpy_merged_weight_equals_the_torch_merged_weight(case, tmp_path):
 def test_a_few_training_steps_lower_the_loss_and_touch_only_vera_lambdas():
     spec = CASES["vera-llama"]
     model = onnx_peft.get_peft_model(tiny_llama(), onnx_peft.VeraConfig(**spec["kwargs"]))
-    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=0.05)
-    x = token_ids()
+    before = snapshot(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
 
-    losses = []
     model.train()
-    for _ in range(6):
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, token_ids(), optimizer, steps=6)
 
-    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    changed = changed_since(model, before)
     assert losses[-1] < losses[0] - 0.05
     assert changed and all(".vera_lambda_" in k for k in changed)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {

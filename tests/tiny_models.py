@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,6 +38,18 @@ def tiny_gpt2() -> nn.Module:
     config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(config).eval()
+
+
+def tiny_gpt2_with_biases() -> nn.Module:
+    """tiny_gpt2 with seeded non-zero biases (GPT-2 starts them at zero, which would hide how a
+    method treats the bias, e.g. IA3's output scaling)."""
+    model = tiny_gpt2()
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if name.endswith(".bias"):
+                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+    return model
 
 
 def tiny_bert_cls() -> nn.Module:
@@ -126,3 +139,127 @@ def saved_keys(directory: Path) -> dict[str, tuple[int, ...]]:
 
 
 BaseBuilder = Callable[[], nn.Module]
+
+TOL = 1e-5  # fp32 logits of two libraries (or of merged and unmerged layers) agree to this
+
+
+# -- shared setup of the method tests (tests/test_method_*.py) ---------------------------------
+def perturb_trainable(model: nn.Module, seed: int = 0, scale: float = 0.3, *,
+                      select: tuple[str, ...] | None = None, around: float | None = None) -> None:
+    """Seeded noise on a PeftModel's adapter tensors (a fresh adapter is mostly a no-op, which
+    would hide bugs). Parameters are visited by sorted name, so two libraries with the same
+    module tree get the same numbers.
+
+    ``select``: substrings of the names to touch (default: every trainable parameter).
+    ``around``: None adds ``noise * scale``; a number sets the tensor to ``around + scale * noise``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if param.requires_grad if select is None else any(s in name for s in select):
+                noise = torch.randn(param.shape, generator=generator)
+                if around is None:
+                    param.add_(noise * scale)
+                else:
+                    param.copy_(around + scale * noise)
+
+
+def peft_and_ours(build: BaseBuilder, peft_config, our_config, seed: int = 0, *, strict: bool = True,
+                  **perturbation):
+    """(PEFT's, ours): one config on two fresh ``build()`` models, holding the same adapter.
+
+    PEFT's is perturbed (:func:`perturb_trainable` with ``perturbation``); ours takes its
+    values by name: with ``strict`` the whole state dict (the two module trees must match
+    exactly), otherwise every trainable tensor.
+    """
+    import peft
+
+    import onnx_peft
+
+    theirs = peft.get_peft_model(build(), peft_config)
+    perturb_trainable(theirs, seed, **perturbation)
+    ours = onnx_peft.get_peft_model(build(), our_config)
+    if strict:
+        ours.load_state_dict(theirs.state_dict())
+    else:
+        params = dict(ours.named_parameters())
+        with torch.no_grad():
+            for name, param in theirs.named_parameters():
+                if param.requires_grad:
+                    params[name].copy_(param)
+    return theirs, ours
+
+
+def assert_round_trip(saved: nn.Module, directory: Path, load: Callable, build: BaseBuilder,
+                      inputs: torch.Tensor, *, changes_by: float | None = None,
+                      same_keys_as: Path | None = None) -> nn.Module:
+    """Save ``saved`` (one library's PeftModel) in ``directory``, load it onto a fresh ``build()``
+    with ``load`` (the other library's ``PeftModel.from_pretrained``) and assert that both give
+    the same logits on ``inputs`` (<= TOL). Returns the loaded model.
+
+    ``changes_by``: assert too that the loaded adapter moves the base model's logits by more.
+    ``same_keys_as``: a directory holding the other library's save of the same config; assert
+    that both files hold the same tensor names and shapes.
+    """
+    saved.save_pretrained(directory)
+    loaded = load(build(), directory)
+    assert max_diff(run(loaded, inputs), run(saved, inputs)) <= TOL
+    if changes_by is not None:
+        assert max_diff(run(loaded, inputs), run(build(), inputs)) > changes_by
+    if same_keys_as is not None:
+        assert saved_keys(directory) == saved_keys(same_keys_as)
+    return loaded
+
+
+def assert_merge_verbs(model: nn.Module, inputs: torch.Tensor, layer_type: type, *,
+                       restores_state_to: float | None = None) -> None:
+    """``merge_adapter``, ``unmerge_adapter`` and ``merge_and_unload`` (in that order) each keep
+    the unmerged logits (<= TOL), and the plain model has no ``layer_type`` left.
+
+    ``restores_state_to``: assert too that unmerging gives the state dict back to that tolerance.
+    """
+    unmerged = run(model, inputs)
+    state = snapshot(model)
+
+    model.merge_adapter()
+    merged = run(model, inputs)
+    model.unmerge_adapter()
+    restored = run(model, inputs)
+    restored_state = model.state_dict()
+    plain = model.merge_and_unload()
+
+    assert max_diff(merged, unmerged) <= TOL
+    assert max_diff(restored, unmerged) <= TOL
+    assert max_diff(run(plain, inputs), unmerged) <= TOL
+    assert not any(isinstance(m, layer_type) for m in plain.modules())
+    if restores_state_to is not None:
+        assert max(max_diff(v, restored_state[k]) for k, v in state.items()) <= restores_state_to
+
+
+def adapter_arrays(layer: nn.Module, names, adapter: str = "default") -> dict[str, np.ndarray]:
+    """``{name: array}`` of ``adapter``'s tensors among the layer's containers ``names``."""
+    return {name: getattr(layer, name)[adapter].detach().numpy() for name in names
+            if adapter in getattr(layer, name)}
+
+
+def train_steps(model: nn.Module, ids: torch.Tensor, optimizer: torch.optim.Optimizer,
+                steps: int) -> list[float]:
+    """``steps`` optimizer steps on the causal-LM loss of ``ids``; the losses, in order."""
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the model's state dict, for :func:`changed_since`."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def changed_since(model: nn.Module, before: dict[str, torch.Tensor]) -> set[str]:
+    """Names of the state-dict entries that differ from ``before`` (parameters and buffers)."""
+    return {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}

@@ -149,6 +149,24 @@ def butterfly_matrix(blocks: Any) -> Any:
 
 
 # -- the method seam ---------------------------------------------------------------------------
+def diagonal_blocks(matrix: np.ndarray, smallest: int) -> np.ndarray:
+    """``matrix [in, in]`` as its diagonal blocks ``[n, b, b]`` with the smallest ``b`` (a multiple of
+    ``smallest`` dividing ``in``) whose off-diagonal blocks are exactly zero: one butterfly factor
+    is block-diagonal, so the branch costs ``in * b`` instead of ``in^2`` per token; products of
+    several factors usually come out as one dense block."""
+    size = matrix.shape[0]
+    for b in range(smallest, size + 1, smallest):
+        if size % b:
+            continue
+        n = size // b
+        tiles = matrix.reshape(n, b, n, b)
+        off = tiles.copy()
+        off[np.arange(n), :, np.arange(n), :] = 0
+        if not off.any():
+            return np.ascontiguousarray(tiles[np.arange(n), :, np.arange(n), :])
+    return matrix[None]
+
+
 @register_method
 class BOFTMethod(Method):
     """BOFT on nn.Linear: one dense ``rotate_in`` block ``B [1, in, in]`` plus ``dora`` ``f = boft_s``."""
@@ -184,5 +202,6 @@ class BOFTMethod(Method):
     def slot_tensors(self, config, module, parts, shared, base_weight):
         rot, scale = (np.asarray(t, np.float64) for t in self._checked(module, parts))
         butterfly = butterfly_matrix(boft_blocks(rot))
-        return {"rotate_in": {"rotation.weight": np.ascontiguousarray(butterfly[None], np.float32)},
+        blocks = diagonal_blocks(butterfly, int(rot.shape[-1]))
+        return {"rotate_in": {"rotation.weight": np.ascontiguousarray(blocks, np.float32)},
                 "dora": {"dora_factor": np.ascontiguousarray(scale.reshape(-1), np.float32)}}

@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import AdapterConfigError, OnnxPeftError
 from ..methods.adalora import AdaLoraConfig
 from ..methods.base import method_for
-from .base import AdapterLayer
+from .base import AdapterLayer, linear_layout
 
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Conv2d (groups=1)"
 SVD_NAMES = ("lora_A", "lora_E", "lora_B")
@@ -42,10 +42,10 @@ class AdaLoraLayer(AdapterLayer):
     adapter_layer_names = SVD_NAMES
     other_param_names = ("r", "lora_dropout", "configs")
 
-    def __init__(self, base_layer: nn.Module, module_path: str) -> None:
+    def __init__(self, base_layer: nn.Module, module_path: str, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
         self.module_path = module_path
-        self.fan_in_fan_out = type(base_layer).__name__ == "Conv1D"
+        self.fan_in_fan_out = fan_in_fan_out
         weight = base_layer.weight
         if isinstance(base_layer, nn.Conv2d):
             self.in_features, self.out_features = weight[0].numel(), weight.shape[0]
@@ -96,15 +96,9 @@ class AdaLoraLayer(AdapterLayer):
         weight = self.base_layer.weight
         return self.merged_weight(adapter_name, torch.zeros(weight.shape, device=weight.device))
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``y = base(x) + (dropout(x) (A * E)^T) B^T * s / (ranknum + 1e-5)``."""
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
         for name in self.active_adapters:
             if name not in self.lora_A:
                 continue
@@ -317,15 +311,15 @@ def before_inject(base_model: nn.Module, adapter_name: str, config: AdaLoraConfi
 
 def make_adalora_layer(module: nn.Module, adapter_name: str, config: AdaLoraConfig, module_path: str) -> AdaLoraLayer:
     """Wrap ``module`` and create ``adapter_name`` on it (nn.Linear, Conv1D, Conv2d)."""
-    conv1d = type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-    if isinstance(module, nn.Conv2d) and module.groups != 1:
-        raise AdapterConfigError(
-            f"module {module_path}: AdaLoRA on a grouped Conv2d (groups={module.groups}) is not supported; "
-            f"supported: {SUPPORTED}")
-    if not (isinstance(module, (nn.Linear, nn.Conv2d)) or conv1d):
-        raise AdapterConfigError(
-            f"module {module_path} ({type(module).__name__}) cannot take an AdaLoRA adapter; supported: {SUPPORTED}")
-    layer = AdaLoraLayer(module, module_path)
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise AdapterConfigError(
+                f"module {module_path}: AdaLoRA on a grouped Conv2d (groups={module.groups}) is not supported; "
+                f"supported: {SUPPORTED}")
+        fan_in_fan_out = False
+    else:
+        fan_in_fan_out = linear_layout(module, module_path, "AdaLoRA", SUPPORTED)
+    layer = AdaLoraLayer(module, module_path, fan_in_fan_out)
     add_adalora_adapter(layer, adapter_name, config, module_path)
     return layer
 

@@ -1,8 +1,8 @@
 """AdapterLayer: wrap a frozen base module by composition and hold named adapters.
 
-The verbs shared by every method live here (activate, delete, merge, unmerge); a method
-provides ``update_layer`` (create an adapter), ``delta_weight`` (through onnx_peft.methods)
-and ``forward``.
+The verbs shared by every method live here (activate, delete, merge, unmerge, and the
+``forward`` template); a method provides ``update_layer`` (create an adapter),
+``get_delta_weight`` (through onnx_peft.methods) and ``adapted_forward``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,32 @@ import abc
 import torch
 from torch import nn
 
-from ..errors import OnnxPeftError
+from ..errors import AdapterConfigError, OnnxPeftError
+
+LINEAR_TYPES = "nn.Linear, transformers Conv1D"
+
+
+def linear_layout(module: nn.Module, module_path: str, method_name: str, supported: str | None = None, *,
+                  conv1d: bool = True, hint: str = "") -> bool:
+    """``fan_in_fan_out`` of a linear ``module``: False for ``nn.Linear`` (weight ``[out, in]``),
+    True for transformers' ``Conv1D`` (weight ``[in, out]``, recognised by its ``nf``). The layout
+    is a property of the module type, not of the config (PEFT overrides a wrong value too).
+
+    Any other module raises AdapterConfigError naming ``module_path``, ``method_name`` and the
+    ``supported`` types (default: nn.Linear, plus Conv1D unless ``conv1d=False`` for methods
+    that take only nn.Linear), then ``hint`` if given. ``method_name`` takes "an" when it starts
+    with a vowel (an IA3, a LoRA).
+    """
+    if isinstance(module, nn.Linear):
+        return False
+    if conv1d and type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return True
+    if supported is None:
+        supported = LINEAR_TYPES if conv1d else "nn.Linear"
+    article = "an" if method_name[:1] in "AEIOU" else "a"
+    raise AdapterConfigError(
+        f"module {module_path} ({type(module).__name__}) cannot take {article} {method_name} adapter; "
+        f"supported: {supported}" + (f". {hint}" if hint else ""))
 
 
 class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
@@ -99,6 +124,23 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
     @abc.abstractmethod
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter's weight update, in the base weight's layout (from onnx_peft.methods)."""
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The template every method shares: with adapters disabled, unmerge them (if merged)
+        and run the base layer; when merged, the base layer already holds them; otherwise
+        :meth:`adapted_forward`."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        return self.adapted_forward(x, *args, **kwargs)
+
+    @abc.abstractmethod
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The unmerged forward with the active adapters (each method's math)."""
 
 
 class ModulesToSaveWrapper(nn.Module):

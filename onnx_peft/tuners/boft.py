@@ -14,10 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import AdapterConfigError
 from ..methods.base import method_for
 from ..methods.boft import BOFTConfig, boft_blocks, boft_layout, butterfly_matrix
-from .base import AdapterLayer
+from .base import AdapterLayer, linear_layout
 
 
 def block_dropout(blocks: torch.Tensor, p: float) -> torch.Tensor:
@@ -90,15 +89,9 @@ class Linear(AdapterLayer):
         weight = self.base_layer.weight
         return self.merged_weight(adapter_name, weight) - weight
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``y = (Linear(x B) - bias) * s + bias``; several active adapters compose their
         rotations (``B = B_2 B_1``) and multiply their scales, as in PEFT."""
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
         names = [n for n in self.active_adapters if n in self.boft_R]
         if not names:
             return self.base_layer(x, *args, **kwargs)
@@ -120,10 +113,8 @@ class Linear(AdapterLayer):
 
 def make_boft_layer(module: nn.Module, adapter_name: str, config: BOFTConfig, module_path: str) -> Linear:
     """Wrap ``module`` (an nn.Linear) in the BOFT layer and create ``adapter_name`` on it."""
-    if not isinstance(module, nn.Linear):
-        raise AdapterConfigError(
-            f"module {module_path} ({type(module).__name__}) cannot take a BOFT adapter; supported: nn.Linear. "
-            "Exclude it with exclude_modules or pick other target_modules")
+    linear_layout(module, module_path, "BOFT", conv1d=False,
+                  hint="Exclude it with exclude_modules or pick other target_modules")
     layer = Linear(module, module_path)
     add_boft_adapter(layer, adapter_name, config, module_path)
     return layer

@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import AdapterConfigError
 from ..methods.base import method_for
 from ..methods.fourierft import FourierFTConfig, frequency_indices
-from .base import AdapterLayer
+from .base import AdapterLayer, linear_layout
 
 
 class FourierFTLayer(AdapterLayer):
@@ -82,13 +82,9 @@ class FourierFTLayer(AdapterLayer):
         return merged.T if self.fan_in_fan_out else merged
 
     # -- forward ---------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``base(x) + sum over active adapters of x delta^T``."""
-        if self.disable_adapters and self.merged:
-            self.unmerge()
         result = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters or self.merged:
-            return result
         previous_dtype = result.dtype
         for name in self.active_adapters:
             if name in self.fourierft_spectrum:
@@ -103,16 +99,7 @@ class FourierFTLayer(AdapterLayer):
 def make_fourierft_layer(module: nn.Module, adapter_name: str, config: FourierFTConfig,
                          module_path: str) -> FourierFTLayer:
     """Wrap ``module`` in a FourierFT layer and create ``adapter_name`` on it."""
-    # The weight layout is a property of the module type (PEFT overrides a wrong fan_in_fan_out too).
-    if isinstance(module, nn.Linear):
-        fan_in_fan_out = False
-    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        fan_in_fan_out = True
-    else:
-        raise AdapterConfigError(
-            f"module {module_path} ({type(module).__name__}) cannot take a FourierFT adapter; supported: "
-            "nn.Linear, transformers Conv1D")
-    layer = FourierFTLayer(module, module_path, fan_in_fan_out)
+    layer = FourierFTLayer(module, module_path, linear_layout(module, module_path, "FourierFT"))
     add_fourierft_adapter(layer, adapter_name, config, module_path)
     return layer
 

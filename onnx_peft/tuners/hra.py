@@ -87,13 +87,10 @@ class HraLayer(AdapterLayer):
         weight = self.base_layer.weight
         return self.reflected(adapter_name, weight) - weight.to(self.hra_u[adapter_name].dtype)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``y = op(x, W R_a R_b ..., b)``: the base layer's op with the reflected weight."""
         names = [n for n in self.active_adapters if n in self.hra_u]
-        if self.merged or not names:
+        if not names:
             return self.base_layer(x, *args, **kwargs)
         weight = self.base_layer.weight
         for name in names:                       # W R_a R_b ...

@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import AdapterConfigError, OnnxPeftError
 from ..methods.base import method_for
 from ..methods.ia3 import IA3Config, ia3_merged
-from .base import AdapterLayer
+from .base import AdapterLayer, linear_layout
 
 
 class IA3Layer(AdapterLayer):
@@ -67,11 +67,9 @@ class IA3Layer(AdapterLayer):
                 scale = vector if scale is None else scale * vector
         return scale
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """feedforward: ``base(x * l)``; otherwise ``base(x) * l``."""
-        if self.disable_adapters and self.merged:
-            self.unmerge()
-        scale = None if self.disable_adapters or self.merged else self._active_scale()
+        scale = self._active_scale()
         if scale is None:
             return self.base_layer(x, *args, **kwargs)
         if self.is_feedforward:
@@ -140,15 +138,7 @@ def before_inject(base_model: nn.Module, adapter_name: str, config: IA3Config) -
 
 def make_ia3_layer(module: nn.Module, adapter_name: str, config: IA3Config, module_path: str) -> IA3Layer:
     """Wrap ``module`` in an IA3 layer and create ``adapter_name`` on it."""
-    # The weight layout is a property of the module type (PEFT overrides a wrong fan_in_fan_out too).
-    if isinstance(module, nn.Linear):
-        fan_in_fan_out = False
-    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        fan_in_fan_out = True
-    else:
-        raise AdapterConfigError(
-            f"module {module_path} ({type(module).__name__}) cannot take an IA3 adapter; supported: "
-            "nn.Linear, transformers Conv1D")
+    fan_in_fan_out = linear_layout(module, module_path, "IA3")
     layer = IA3Layer(module, module_path, config.is_feedforward(module_path), fan_in_fan_out)
     add_ia3_adapter(layer, adapter_name, config, module_path)
     return layer

@@ -29,7 +29,7 @@ from ..methods.lora import (
     lora_scaling,
     row_norm,
 )
-from .base import AdapterLayer
+from .base import AdapterLayer, linear_layout
 
 
 class DoraMagnitude(nn.Module):
@@ -164,13 +164,8 @@ class LoraLayer(AdapterLayer):
     def _adapters_to_run(self) -> list[str]:
         return [n for n in self.active_adapters if n in self.r]
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``y = base(x) + sum over active adapters of s B(A(dropout(x)))`` (or its DoRA form)."""
         result = self.base_layer(x, *args, **kwargs)
         for name in self._adapters_to_run():
             result = self._add_adapter_output(name, x, result)
@@ -338,21 +333,13 @@ class Conv(LoraLayer):
 def make_lora_layer(module: nn.Module, adapter_name: str, config: LoraConfig, module_path: str) -> LoraLayer:
     """Wrap ``module`` in the LoRA layer for its type and create ``adapter_name`` on it."""
     layer: LoraLayer
-    # The weight layout is a property of the module type, not of the config: nn.Linear is
-    # [out, in], Conv1D [in, out]. PEFT overrides a wrong fan_in_fan_out the same way.
-    if isinstance(module, nn.Linear):
-        layer = Linear(module, fan_in_fan_out=False)
-    elif isinstance(module, nn.Embedding):
+    if isinstance(module, nn.Embedding):
         layer = Embedding(module)
     elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         layer = Conv(module)
-    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        layer = Linear(module, fan_in_fan_out=True)
-    else:
-        raise AdapterConfigError(
-            f"module {module_path} ({type(module).__name__}) cannot take a LoRA adapter; supported: "
-            "nn.Linear, nn.Embedding, nn.Conv1d/2d/3d, transformers Conv1D"
-        )
+    else:  # nn.Linear or Conv1D; anything else raises
+        supported = "nn.Linear, nn.Embedding, nn.Conv1d/2d/3d, transformers Conv1D"
+        layer = Linear(module, fan_in_fan_out=linear_layout(module, module_path, "LoRA", supported))
     add_lora_adapter(layer, adapter_name, config, module_path)
     return layer
 

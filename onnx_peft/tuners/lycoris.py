@@ -132,14 +132,10 @@ class LycorisLayer(AdapterLayer):
             return F.linear(x, delta)
         return self.base_layer._conv_forward(x, delta, None)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+    def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``y = base(x) + sum over active adapters of op(x, dW)`` (the base op, no bias), with
+        module and rank dropout in training."""
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
         out_dtype = result.dtype
         for name in self.active_adapters:
             if name not in self.r:

@@ -28,7 +28,7 @@ from ..config import AdapterConfig
 from ..errors import AdapterConfigError
 from ..methods.base import method_for
 from ..methods.miss import block_shape, full_block, layer_problem, miss_mode, shard_delta_t
-from .base import AdapterLayer
+from .base import AdapterLayer, linear_layout
 
 
 class MissLayer(AdapterLayer):
@@ -99,13 +99,11 @@ class MissLayer(AdapterLayer):
         weight = self.base_layer.weight
         return self.updated(adapter_name, weight) - weight.to(self.block(adapter_name).dtype)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """balance/mini: ``y = base(x) + sum_k chunk_k(dropout(x)) @ B`` (x padded to a multiple
+        of r, cut in r-wide chunks); bat: ``y = x (W + dW(W))^T + b``, adapters folded in order."""
         names = [n for n in self.active_adapters if n in self.miss_config]
-        if self.merged or not names:
+        if not names:
             return self.base_layer(x, *args, **kwargs)
         if any(miss_mode(self.miss_config[n]) == "bat" for n in names):
             weight = self.base_layer.weight
@@ -130,10 +128,7 @@ class MissLayer(AdapterLayer):
 
 def make_miss_layer(module: nn.Module, adapter_name: str, config: AdapterConfig, module_path: str) -> MissLayer:
     """Wrap ``module`` in a MiSS layer and create ``adapter_name`` on it."""
-    if not isinstance(module, nn.Linear):
-        raise AdapterConfigError(
-            f"module {module_path} ({type(module).__name__}) cannot take a {config.peft_type} adapter; "
-            "supported: nn.Linear")
+    linear_layout(module, module_path, config.peft_type, conv1d=False)
     layer = MissLayer(module, module_path)
     add_miss_adapter(layer, adapter_name, config, module_path)
     return layer

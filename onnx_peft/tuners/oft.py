@@ -16,10 +16,9 @@ import warnings
 import torch
 from torch import nn
 
-from ..errors import AdapterConfigError
 from ..methods.base import method_for
 from ..methods.oft import OFTConfig, coft_project, neumann_terms, oft_layout, rotation_blocks
-from .base import AdapterLayer
+from .base import AdapterLayer, linear_layout
 
 
 class OFTRotation(nn.Module):
@@ -92,14 +91,8 @@ class Linear(AdapterLayer):
         weight = self.base_layer.weight
         return self.merged_weight(adapter_name, weight) - weight
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``x [.., in]``: each active adapter rotates it in turn, ``x <- x R``; then the Linear."""
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
         dtype = x.dtype
         for name in self.active_adapters:
             if name not in self.oft_R:
@@ -116,10 +109,8 @@ class Linear(AdapterLayer):
 
 def make_oft_layer(module: nn.Module, adapter_name: str, config: OFTConfig, module_path: str) -> Linear:
     """Wrap ``module`` (an nn.Linear) in the OFT layer and create ``adapter_name`` on it."""
-    if not isinstance(module, nn.Linear):
-        raise AdapterConfigError(
-            f"module {module_path} ({type(module).__name__}) cannot take an OFT adapter; supported: nn.Linear. "
-            "Exclude it with exclude_modules or pick other target_modules")
+    linear_layout(module, module_path, "OFT", conv1d=False,
+                  hint="Exclude it with exclude_modules or pick other target_modules")
     layer = Linear(module, module_path)
     add_oft_adapter(layer, adapter_name, config, module_path)
     return layer

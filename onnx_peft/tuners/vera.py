@@ -25,9 +25,7 @@ from ..errors import AdapterConfigError
 from ..methods.base import method_for
 from ..methods.vera import VeraConfig, vera_projections
 from ..targets import is_target
-from .base import AdapterLayer
-
-SUPPORTED = "nn.Linear, transformers Conv1D"
+from .base import AdapterLayer, linear_layout
 
 
 class ProjectionBank(nn.Module):
@@ -68,20 +66,13 @@ class Projections:
         return self.owner.vera_A[adapter_name], self.owner.vera_B[adapter_name]
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
 def _in_out(module: nn.Module, module_path: str) -> tuple[int, int]:
     """``(in, out)`` of a supported module; anything else raises naming the module."""
     if isinstance(module, VeraLayer):
         module = module.base_layer
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if _is_conv1d(module):
-        return module.weight.shape[0], module.weight.shape[1]
-    raise AdapterConfigError(
-        f"module {module_path} ({type(module).__name__}) cannot take a VeRA adapter; supported: {SUPPORTED}")
+    fan_in_fan_out = linear_layout(module, module_path, "VeRA")
+    rows, cols = module.weight.shape
+    return (rows, cols) if fan_in_fan_out else (cols, rows)
 
 
 def before_inject(base_model: nn.Module, adapter_name: str, config: VeraConfig) -> None:
@@ -124,7 +115,7 @@ class VeraLayer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module, projections: Projections, module_path: str) -> None:
         super().__init__(base_layer)
-        self.fan_in_fan_out = _is_conv1d(base_layer)  # the layout is the module's, as in PEFT
+        self.fan_in_fan_out = linear_layout(base_layer, module_path, "VeRA")
         self.in_features, self.out_features = _in_out(base_layer, module_path)
         self.module_path = module_path
         self.projections = projections
@@ -177,15 +168,9 @@ class VeraLayer(AdapterLayer):
         zero = torch.zeros(shape, device=self.base_layer.weight.device)
         return self.merged_weight(adapter_name, zero)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``y = base(x) + lambda_b * ((lambda_d * (dropout(x) A_s^T)) B_s^T)``."""
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
         for name in self.active_adapters:
             if name not in self.vera_lambda_d:
                 continue
