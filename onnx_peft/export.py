@@ -762,9 +762,27 @@ def _convert(adapters: Mapping[str, Path], model_path: Path) -> dict[str, str]:
     return written
 
 
+def _quantize(model_path: Path, quantize: Any) -> None:
+    """Replace the exported ``model_path`` by its 4-bit form (QuantizeBase: base Linears become
+    MatMulBnb4/MatMulNBits); adapter branches stay float, so extract/insert run after it."""
+    from .graph.io import load_model, save_model
+
+    staging = model_path.parent / ".quantized"
+    model = load_model(model_path)
+    quantize(model)
+    save_model(model, staging / MODEL_FILE)
+    del model  # no lazy tensor may read the old files once they are gone
+    for stale in _model_files(model_path.parent):
+        os.remove(stale)
+    for entry in staging.iterdir():
+        os.replace(entry, model_path.parent / entry.name)
+    staging.rmdir()
+
+
 def export(model_or_dir: Any, output_dir: str | os.PathLike, adapters: AdapterSpec = None,
            task: str = "auto", mode: str = "in-graph", dtype: str = "fp32", opset: int | None = None,
-           quiet: bool = False, external_data: bool | None = None) -> Path:
+           quiet: bool = False, external_data: bool | None = None, quantize: str | None = None,
+           double_quant: bool = False, block_size: int = 64) -> Path:
     """Export ``model_or_dir`` to ``output_dir/model.onnx`` and return that path.
 
     ``model_or_dir``: a local transformers folder, a transformers model, or a PeftModel (ours
@@ -773,12 +791,20 @@ def export(model_or_dir: Any, output_dir: str | os.PathLike, adapters: AdapterSp
     slot on every module any of them targets, a full-weight slot on every Linear they train in
     full (``modules_to_save``, e.g. a classifier head; sequence-classification models are loaded
     with the adapters' number of labels), and each is written to ``adapters/NAME.onnx_adapter``). ``external_data``: None decides by size (> 1 GB).
+    ``quantize``: ``"nf4"``/``"fp4"`` (bitsandbytes codes, ``double_quant`` as bitsandbytes') or
+    ``"int4"`` with ``block_size``: the base Linears (not lm_head) become 4-bit ONNX Runtime
+    contrib MatMuls after export, adapter branches and slots stay float (passes.quantize_base).
     A model passed in is never changed; the output appears only when complete.
     """
     if mode not in MODES:
         raise OnnxPeftError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if dtype not in DTYPES:
         raise OnnxPeftError(f"unknown dtype {dtype!r}; choose fp32 or fp16")
+    quantizer = None
+    if quantize is not None:  # checked before anything is loaded
+        from .passes.quantize_base import QuantizeBase
+
+        quantizer = QuantizeBase(quantize, block_size, double_quant)
     started = time.perf_counter()
     output_dir = Path(output_dir)
     named = normalize_adapters(adapters)
@@ -813,6 +839,8 @@ def export(model_or_dir: Any, output_dir: str | os.PathLike, adapters: AdapterSp
         model_path = tmp / MODEL_FILE
         with _base_heads(module, heads):
             exporter = run_exporter(module, spec, model_path, opset, external_data)
+        if quantizer is not None:
+            _quantize(model_path, quantizer)
         written: dict[str, str] = {}
         if inserted:
             next(bar, None)
@@ -837,6 +865,8 @@ def export(model_or_dir: Any, output_dir: str | os.PathLike, adapters: AdapterSp
         info_inputs, info_outputs = _io_info(model_path)
         info = {
             "task": task, "mode": mode, "dtype": dtype, "opset": opset, "exporter": exporter,
+            "quantize": None if quantizer is None else {"quant_type": quantize, "block_size": block_size,
+                                                        "double_quant": double_quant},
             "architecture": type(module).__name__, "model_type": getattr(module.config, "model_type", None),
             "source": source, "external_data": (tmp / (MODEL_FILE + ".data")).exists(),
             "adapters": written if written else sorted(named),

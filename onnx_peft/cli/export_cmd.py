@@ -24,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what happens to adapters (default: in-graph)")
     parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--quantize", choices=("nf4", "fp4", "int4"), default=None,
+                        help="4-bit base: nf4/fp4 (bitsandbytes codes, MatMulBnb4) or int4 (MatMulNBits); "
+                             "adapters stay float")
+    parser.add_argument("--double-quant", action="store_true",
+                        help="nf4/fp4: bitsandbytes double quantization of the block absmax values")
+    parser.add_argument("--block-size", type=int, default=64, help="4-bit block size (default: 64)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
 
     path = export(args.model_dir, args.output, adapters=parse_named_paths(args.adapter) or None,
                   task=args.task, mode=args.mode, dtype=args.dtype, opset=args.opset,
-                  quiet=bool(getattr(args, "quiet", False)))
+                  quiet=bool(getattr(args, "quiet", False)), quantize=args.quantize,
+                  double_quant=args.double_quant, block_size=args.block_size)
     if not getattr(args, "quiet", False):
         print(path)
     return 0

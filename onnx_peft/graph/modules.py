@@ -20,9 +20,13 @@ import ast
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
+
+if TYPE_CHECKING:
+    from ..passes.quantize_base import QuantizedWeight
 
 NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 FOLDED_FROM_KEY = "pkg.onnxscript.optimizer.folded_from"
@@ -42,6 +46,7 @@ class LinearSite:
     in_features: int
     out_features: int
     output: ir.Value     # x W (+ bias when a bias Add / Gemm C follows directly)
+    quantized: QuantizedWeight | None = None  # MatMulBnb4/MatMulNBits: weight dequantizes lazily
 
     def _flattened(self) -> bool:
         """True for ``Reshape(x) -> MatMul/Gemm -> Reshape back`` (GPT-2 Conv1D style)."""
@@ -171,7 +176,19 @@ def _bias_add(node: ir.Node, out_features: int) -> ir.Node | None:
 
 
 def linear_of(node: ir.Node) -> tuple[ir.Value, str, int, int] | None:
-    """``(weight, layout, in, out)`` when ``node`` is x @ W with a constant 2-D W, else None."""
+    """``(weight, layout, in, out)`` when ``node`` is x @ W with a constant 2-D W, else None.
+
+    A 4-bit contrib MatMul (MatMulBnb4/MatMulNBits) is a Linear too: its ``weight`` is a
+    stand-in value outside the graph whose tensor dequantizes W ``[out, in]`` when read.
+    """
+    if node.domain == "com.microsoft" and node.op_type in ("MatMulBnb4", "MatMulNBits"):
+        from ..passes.quantize_base import dequantized_weight_value, read_quantized
+
+        quantized = read_quantized(node)
+        if quantized is None:
+            return None
+        return (dequantized_weight_value(node, quantized), "out_in", quantized.in_features,
+                quantized.out_features)
     if node.op_type == "MatMul":
         resolved = resolve_weight(node.inputs[1])
         if resolved is None:
@@ -409,6 +426,10 @@ def find_linear_sites(model: ir.Model) -> dict[str, LinearSite]:
         output = bias_add.outputs[0] if bias_add is not None else node.outputs[0]
         output = _unflatten(node, output)
         site = LinearSite(path, node, weight, layout, in_f, out_f, output)
+        if node.domain == "com.microsoft":
+            from ..passes.quantize_base import read_quantized
+
+            site.quantized = read_quantized(node)
         key, n = path, 1
         while key in sites:  # the same module called twice (shared weights): path, path#1, ...
             key, n = f"{path}#{n}", n + 1

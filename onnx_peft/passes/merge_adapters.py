@@ -14,6 +14,7 @@ the result has the base graph's nodes.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -51,12 +52,19 @@ def _exclusive_chain(site: LinearSite) -> bool:
 
 
 def set_merged_weight(graph: ir.Graph, site: LinearSite,
-                      merged_out_in: Callable[[np.ndarray], np.ndarray]) -> None:
+                      merged_out_in: Callable[[np.ndarray], np.ndarray],
+                      errors: dict[str, float] | None = None) -> None:
     """Give ``site`` the weight ``merged_out_in(W [out, in])``, computed lazily at save time.
 
     The initializer is replaced in place when only this Linear uses it; a shared weight (tied
-    embeddings) is left alone and the node gets a new initializer of its own.
+    embeddings) is left alone and the node gets a new initializer of its own. A 4-bit site is
+    dequantized, merged and requantized; ``errors[module]`` then gets the max |error| that adds.
     """
+    if site.quantized is not None:
+        from .quantize_base import set_requantized_weight
+
+        set_requantized_weight(graph, site, merged_out_in, errors)
+        return
     old_tensor = site.weight.const_value
     dtype = old_tensor.dtype
     layout = site.weight_layout
@@ -133,7 +141,8 @@ class MergeAdapters(InPlacePass):
     """Fold in-graph adapter branches (or ``adapter_dir``, a PEFT adapter) into the base weights.
 
     ``strict``: raise NoAdapterSitesError when there is nothing to merge (else report
-    ``modified=False``).
+    ``modified=False``). On a 4-bit base (MatMulBnb4/MatMulNBits) merged weights are requantized;
+    ``requantization_errors`` ({module: max |error| added}) fills in as the model is saved.
     """
 
     def __init__(self, adapter_dir: str | os.PathLike | None = None, strict: bool = True) -> None:
@@ -141,6 +150,7 @@ class MergeAdapters(InPlacePass):
         self.adapter_dir = None if adapter_dir is None else Path(adapter_dir)
         self.strict = strict
         self.merged: list[str] = []
+        self.requantization_errors: dict[str, float] = {}
 
     def call(self, model: ir.Model) -> PassResult:
         self.merged = []
@@ -174,7 +184,7 @@ class MergeAdapters(InPlacePass):
                     return dora_weight(w, delta, branch.dora_magnitude(w, delta))
                 return w + delta
 
-            set_merged_weight(model.graph, branch.base, merged)
+            set_merged_weight(model.graph, branch.base, merged, self.requantization_errors)
             remove_branch(model.graph, branch)
             self.merged.append(module)
 
@@ -214,7 +224,7 @@ class MergeAdapters(InPlacePass):
                     return np.asarray(adapter.merged_weight(module, weight().astype(np.float32), b)[1])
 
                 set_merged_bias(model.graph, site, bias)
-            set_merged_weight(model.graph, site, merged)
+            set_merged_weight(model.graph, site, merged, self.requantization_errors)
             self.merged.append(module)
         self._replace_saved_modules(model, adapter, sites)
 
@@ -238,5 +248,11 @@ def merge_adapters(model_path: str | os.PathLike, output_path: str | os.PathLike
                    adapter_dir: str | os.PathLike | None = None) -> Path:
     """Merge the adapters of ``model_path`` (or ``adapter_dir``) and save to ``output_path``."""
     model = load_model(model_path)
-    MergeAdapters(adapter_dir=adapter_dir)(model)
-    return save_model(model, output_path, external_data=True)
+    merge = MergeAdapters(adapter_dir=adapter_dir)
+    merge(model)
+    path = save_model(model, output_path, external_data=True)
+    if merge.requantization_errors:  # known once the lazy weights were written
+        module, error = max(merge.requantization_errors.items(), key=lambda item: item[1])
+        logging.getLogger(__name__).info("requantizing %d merged 4-bit weights added at most %.3g (%s)",
+                                         len(merge.requantization_errors), error, module)
+    return path
