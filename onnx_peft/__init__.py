@@ -27,6 +27,10 @@ _LAZY: dict[str, tuple[str, bool]] = {
     "multi_adapter": ("onnx_peft.passes.multi_adapter", False),
     "convert_adapters": ("onnx_peft.convert", False),
     "train": ("onnx_peft.training", True),
+    "quantize_model": ("onnx_peft.quant.layers", True),
+    "prepare_model_for_kbit_training": ("onnx_peft.quant.layers", True),
+    "LoftQConfig": ("onnx_peft.quant.loftq", True),
+    "replace_lora_weights_loftq": ("onnx_peft.quant.loftq", True),
 }
 
 __all__ = ["AdapterConfig", "LoraConfig", "OnnxPeftError", "export", *_LAZY]

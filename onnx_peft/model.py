@@ -23,6 +23,7 @@ from .checkpoint import load_adapter_weights, save_adapter_dir
 from .config import AdapterConfig
 from .errors import AdapterConfigError, CheckpointError, OnnxPeftError
 from .methods.base import layer_attrs, method_for
+from .quant.layers import is_quantized_linear
 from .targets import is_target
 from .tuners.base import AdapterLayer, ModulesToSaveWrapper
 
@@ -59,7 +60,8 @@ def linear_module_names(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         if module is output or not name:
             continue
-        if isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf")):
+        if isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf")) \
+                or is_quantized_linear(module):
             names.add(name.split(".")[-1])
     if output is not None:
         for name, module in model.named_modules():

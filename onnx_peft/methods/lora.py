@@ -15,6 +15,7 @@ These functions accept numpy arrays or torch tensors; the tuner (PyTorch), Merge
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ from ..config import AdapterConfig, register_config
 from ..errors import AdapterConfigError
 from ..targets import pattern_value
 
-_INIT_CHOICES = ("gaussian", "pissa", "olora")
+_INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq")
 
 
 @register_config
@@ -50,8 +51,11 @@ class LoraConfig(AdapterConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, int | float] = field(default_factory=dict)
     use_dora: bool = False
+    loftq_config: dict[str, Any] = field(default_factory=dict)  # LoftQConfig fields (init "loftq")
 
     def validate(self) -> None:
+        if dataclasses.is_dataclass(self.loftq_config):  # a LoftQConfig: stored as PEFT writes it
+            self.loftq_config = dataclasses.asdict(self.loftq_config)
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
@@ -70,7 +74,7 @@ class LoraConfig(AdapterConfig):
         ):
             raise AdapterConfigError(
                 f"LoraConfig.init_lora_weights={init!r} is not supported; use True, False, "
-                "'gaussian', 'pissa', 'pissa_niter_N' or 'olora'"
+                "'gaussian', 'pissa', 'pissa_niter_N', 'olora' or 'loftq'"
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise AdapterConfigError("LoraConfig.layers_pattern needs layers_to_transform")

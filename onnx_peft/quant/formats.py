@@ -414,7 +414,7 @@ def quantize_int8(weight: np.ndarray, *, name: str = "weight") -> tuple[np.ndarr
     w = w.astype(np.float32)
     scb = np.abs(w).max(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        scaled = w * (np.float32(127.0) / scb)[:, None]
+        scaled = w * ((np.float32(1) / scb) * np.float32(127))[:, None]  # torch rounds 127/SCB this way
     cb = np.round(np.nan_to_num(scaled, nan=0.0)).astype(np.int8)
     return cb, scb.astype(np.float32)
 

@@ -96,24 +96,51 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
         if adapter_name in self.active_adapters:
             self.active_adapters.remove(adapter_name)
 
+    # -- the base weight, float even on a 4/8-bit base --------------------------------------
+    @property
+    def quantized(self) -> bool:
+        """True when the base is a 4/8-bit linear (ours or bitsandbytes'): its weight is packed."""
+        from ..quant.layers import is_quantized_linear
+
+        return is_quantized_linear(self.base_layer)
+
+    def base_weight(self) -> torch.Tensor:
+        """``W`` in the base's own layout as the float tensor the layer multiplies by (the stored
+        weight, or the dequantized one of a quantized base)."""
+        if self.quantized:
+            from ..quant.layers import dequantized_weight
+
+            return dequantized_weight(self.base_layer)
+        return self.base_layer.weight
+
+    def set_base_weight(self, weight: torch.Tensor) -> None:
+        """Store a new base weight: in place, or requantized into the base's own 4/8-bit format."""
+        if self.quantized:
+            from ..quant.layers import requantize_into
+
+            requantize_into(self.base_layer, weight)
+        else:
+            self.base_layer.weight.data = weight.to(self.base_layer.weight.dtype)
+
     # -- merging ---------------------------------------------------------------------------
+    @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold adapters into the base weight (W += delta) so inference costs nothing extra."""
+        """Fold adapters into the base weight (W += delta) so inference costs nothing extra; a
+        quantized base is dequantized, merged and requantized (the rounding error stays)."""
         for name in adapter_names if adapter_names is not None else list(self.active_adapters):
             if name not in self.adapter_names() or name in self.merged_adapters:
                 continue
-            new_weight = self.merged_weight(name, self.base_layer.weight.data)
+            new_weight = self.merged_weight(name, self.base_weight().data)
             if safe_merge and not torch.isfinite(new_weight).all():
                 raise OnnxPeftError(f"merging adapter {name!r} gives NaN/inf weights; the adapter is broken")
-            self.base_layer.weight.data = new_weight.to(self.base_layer.weight.dtype)
+            self.set_base_weight(new_weight)
             self.merged_adapters.append(name)
 
+    @torch.no_grad()
     def unmerge(self) -> None:
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            self.base_layer.weight.data = self.unmerged_weight(name, self.base_layer.weight.data).to(
-                self.base_layer.weight.dtype
-            )
+            self.set_base_weight(self.unmerged_weight(name, self.base_weight().data))
 
     def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         return weight + self.get_delta_weight(adapter_name).to(weight.dtype)

@@ -29,6 +29,7 @@ from ..methods.lora import (
     lora_scaling,
     row_norm,
 )
+from ..quant.layers import is_quantized_linear
 from .base import AdapterLayer, linear_layout
 
 
@@ -72,13 +73,15 @@ class LoraLayer(AdapterLayer):
 
     # -- creation --------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
-                     init_lora_weights: bool | str, use_rslora: bool, use_dora: bool) -> None:
+                     init_lora_weights: bool | str, use_rslora: bool, use_dora: bool,
+                     loftq_config: dict | None = None) -> None:
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_scaling(r, lora_alpha, use_rslora)
         self.use_dora[adapter_name] = use_dora
         self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self._create_weights(adapter_name, r, init_lora_weights)
+        self._loftq_config = loftq_config or {}
         self._init_weights(adapter_name, init_lora_weights)
         self._move_to_base(adapter_name)
         if use_dora:
@@ -110,7 +113,7 @@ class LoraLayer(AdapterLayer):
     def _init_weights(self, adapter_name: str, init: bool | str) -> None:
         if init is False:
             return
-        if isinstance(init, str) and (init == "olora" or init.startswith("pissa")):
+        if isinstance(init, str) and (init in ("olora", "loftq") or init.startswith("pissa")):
             self._init_from_base_weight(adapter_name, init)
             return
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
@@ -130,12 +133,12 @@ class LoraLayer(AdapterLayer):
         """``s * B @ A`` in the base weight's own layout."""
         return lora_delta_weight(
             self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, self.scaling[adapter_name],
-            base_shape=tuple(self.base_layer.weight.shape), fan_in_fan_out=self.fan_in_fan_out,
+            base_shape=tuple(self.base_weight().shape), fan_in_fan_out=self.fan_in_fan_out,
         )
 
     def _out_first(self, adapter_name: str, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Base weight and delta as ``[out, ...]`` (the orientation DoRA norms rows of)."""
-        weight = self.base_layer.weight if weight is None else weight
+        weight = self.base_weight() if weight is None else weight
         delta = self.get_delta_weight(adapter_name)
         if self.fan_in_fan_out:
             return weight.T, delta.T
@@ -209,6 +212,11 @@ class Linear(LoraLayer):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
+        if self.quantized:  # a packed 4/8-bit weight's shape says nothing about the layer
+            from ..quant.layers import linear_features
+
+            self.in_features, self.out_features = linear_features(base_layer)
+            return
         shape = base_layer.weight.shape
         self.in_features, self.out_features = (shape[0], shape[1]) if fan_in_fan_out else (shape[1], shape[0])
 
@@ -217,10 +225,17 @@ class Linear(LoraLayer):
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
 
     def _init_from_base_weight(self, adapter_name: str, init: str) -> None:
-        """PiSSA (principal singular vectors) or OLoRA (QR): A, B from W; W keeps the residual."""
-        base = self.base_layer.weight
-        weight = (base.T if self.fan_in_fan_out else base).detach().to(torch.float32)
+        """PiSSA (principal singular vectors), OLoRA (QR) or LoftQ (alternating NF4 quantization and
+        SVD, onnx_peft.quant.loftq): A, B from W; W keeps the residual (LoftQ: its quantized form)."""
         r, scaling = self.r[adapter_name], self.scaling[adapter_name]
+        if init == "loftq":
+            from ..quant.loftq import apply_loftq
+
+            self.set_base_weight(apply_loftq(self.base_layer, self.lora_A[adapter_name], self.lora_B[adapter_name],
+                                             scaling, self._loftq_config, self.fan_in_fan_out))
+            return
+        base = self.base_weight()
+        weight = (base.T if self.fan_in_fan_out else base).detach().to(torch.float32)
         if init == "olora":
             Q, R = torch.linalg.qr(weight)
             lora_A, lora_B = R[:r].contiguous(), Q[:, :r].contiguous()
@@ -238,10 +253,10 @@ class Linear(LoraLayer):
         self.lora_A[adapter_name].weight.data = lora_A
         self.lora_B[adapter_name].weight.data = lora_B
         residual = weight - scaling * lora_B @ lora_A
-        self.base_layer.weight.data = (residual.T if self.fan_in_fan_out else residual).to(base.dtype)
+        self.set_base_weight(residual.T if self.fan_in_fan_out else residual)
 
     def _base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         return F.linear(x, weight.T if self.fan_in_fan_out else weight)
 
 
@@ -337,8 +352,11 @@ def make_lora_layer(module: nn.Module, adapter_name: str, config: LoraConfig, mo
         layer = Embedding(module)
     elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         layer = Conv(module)
+    elif is_quantized_linear(module):  # QLoRA: a 4/8-bit base (ours or bitsandbytes')
+        layer = Linear(module)
     else:  # nn.Linear or Conv1D; anything else raises
-        supported = "nn.Linear, nn.Embedding, nn.Conv1d/2d/3d, transformers Conv1D"
+        supported = ("nn.Linear, nn.Embedding, nn.Conv1d/2d/3d, transformers Conv1D, 4/8-bit linears "
+                     "(onnx_peft.quantize_model, bitsandbytes)")
         layer = Linear(module, fan_in_fan_out=linear_layout(module, module_path, "LoRA", supported))
     add_lora_adapter(layer, adapter_name, config, module_path)
     return layer
@@ -348,7 +366,7 @@ def add_lora_adapter(layer: LoraLayer, adapter_name: str, config: LoraConfig, mo
     layer.update_layer(
         adapter_name, r=config.rank_for(module_path), lora_alpha=config.alpha_for(module_path),
         lora_dropout=float(config.lora_dropout), init_lora_weights=config.init_lora_weights,
-        use_rslora=config.use_rslora, use_dora=config.use_dora,
+        use_rslora=config.use_rslora, use_dora=config.use_dora, loftq_config=config.loftq_config,
     )
 
 
