@@ -762,6 +762,31 @@ def _convert(adapters: Mapping[str, Path], model_path: Path) -> dict[str, str]:
     return written
 
 
+@contextlib.contextmanager
+def _float_bases(module: Any) -> Iterator[dict]:
+    """quant.trace.float_bases when the model has quantized layers (torch is loaded by then)."""
+    from .quant.layers import is_quantized_linear
+
+    if not any(is_quantized_linear(m) for m in module.modules()):
+        yield {}
+        return
+    from .quant.trace import float_bases
+
+    with float_bases(module) as states:
+        yield states
+
+
+def _exact_quantizer(states: Mapping[str, Any], quantize: str | None) -> Any:
+    """QuantizeBase writing a 4-bit model's own states; ``quantize`` must agree or be None."""
+    from .passes.quantize_base import QuantizeBase
+
+    kinds = sorted({s.quant_type for s in states.values()})
+    if quantize is not None and kinds != [quantize]:
+        raise AdapterConfigError(f"the model is already quantized ({', '.join(kinds)}); export it without "
+                                 f"quantize={quantize!r} to keep the codes it was trained on")
+    return QuantizeBase.from_states(states)
+
+
 def _quantize(model_path: Path, quantize: Any) -> None:
     """Replace the exported ``model_path`` by its 4-bit form (QuantizeBase: base Linears become
     MatMulBnb4/MatMulNBits); adapter branches stay float, so extract/insert run after it."""
@@ -837,8 +862,10 @@ def export(model_or_dir: Any, output_dir: str | os.PathLike, adapters: AdapterSp
             external_data = weight_bytes(module) > EXTERNAL_DATA_BYTES
         next(bar, None)
         model_path = tmp / MODEL_FILE
-        with _base_heads(module, heads):
+        with _base_heads(module, heads), _float_bases(module) as states:
             exporter = run_exporter(module, spec, model_path, opset, external_data)
+        if states:  # a 4-bit (QLoRA) base: its own codes, not a second quantization
+            quantizer = _exact_quantizer(states, quantize)
         if quantizer is not None:
             _quantize(model_path, quantizer)
         written: dict[str, str] = {}

@@ -111,3 +111,39 @@ def test_loftq_init_on_cpu_reduces_the_quantization_error_of_plain_nf4():
         loftq_error += (w - approx).norm().item()
         plain_error += (w - dequantized_weight(plain.get_submodule(name))).norm().item()
     assert loftq_error < 0.95 * plain_error
+
+
+@pytest.mark.parametrize("mode", ["inputs", "merged"])
+def test_a_4bit_peft_model_exports_with_its_own_codes_and_matches_torch(mode, tmp_path):
+    import numpy as np
+
+    from onnx_peft import AdapterSession, export
+    from onnx_peft.graph.io import load_model
+    from onnx_peft.graph.modules import find_linear_sites
+    from onnx_peft.passes.quantize_base import read_quantized
+
+    model = get_peft_model(quantize_model(llama64(), "nf4", blocksize=64, double_quant=True),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)).eval()
+    perturb_trainable(model, seed=3, scale=0.1)
+    expected = logits(model).numpy()
+    with model.disable_adapter():
+        base = logits(model).numpy()
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    codes = q_proj.quant_state()
+    out = export(copy.deepcopy(model) if mode == "merged" else model, tmp_path / mode, task="causal-lm",
+                 mode=mode, quiet=True)
+    onnx_model = load_model(out)
+    assert sum(n.op_type == "MatMulBnb4" for n in onnx_model.graph) == 7  # every Linear of the layer; lm_head float
+    q_node = find_linear_sites(onnx_model)["model.layers.0.self_attn.q_proj"].node
+    state = read_quantized(q_node).state()
+    if mode == "inputs":  # the codes training used, not a second quantization
+        np.testing.assert_array_equal(state.packed, codes.packed)
+    feeds = {"input_ids": IDS.numpy(), "attention_mask": np.ones_like(IDS.numpy())}
+    session = AdapterSession(out)
+    if mode == "inputs":
+        session.load_adapter("a", out.parent / "adapters" / "default.onnx_adapter")
+        assert np.abs(session.run(["logits"], feeds, adapter="a")[0] - expected).max() <= 1e-4
+        assert np.abs(session.run(["logits"], feeds)[0] - base).max() <= 1e-4
+    else:  # merged into the 4-bit base (requantized in torch): ORT runs exactly that merged model
+        merged = logits(copy.deepcopy(model).merge_and_unload()).numpy()
+        assert np.abs(session.run(["logits"], feeds)[0] - merged).max() <= 1e-4
