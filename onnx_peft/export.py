@@ -867,6 +867,8 @@ def export(model_or_dir: Any, output_dir: str | os.PathLike, adapters: AdapterSp
         if states:  # a 4-bit (QLoRA) base: its own codes, not a second quantization
             quantizer = _exact_quantizer(states, quantize)
         if quantizer is not None:
+            # heads trained in full stay float: their weights become full-weight slots
+            quantizer.skip = tuple(quantizer.skip) + tuple(full_weights[0])
             _quantize(model_path, quantizer)
         written: dict[str, str] = {}
         if inserted:

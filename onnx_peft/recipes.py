@@ -52,23 +52,31 @@ class StepType:
 
 
 # -- step builders --------------------------------------------------------------------------------
-def _lora(options: dict[str, Any], state: RecipeState) -> None:
+def _lora(options: dict[str, Any], state: RecipeState, step: str = "LoRA") -> None:
+    """Olive's LoRA / QLoRA / LoftQ passes: train an adapter on local data (QLoRA: on a 4-bit base;
+    LoftQ: LoRA initialised by alternating NF4 quantization and SVD)."""
     from .training import train
 
     if state.hf_model is None:
-        raise RecipeError("LoRA: the recipe needs an input_model of type HfModel (a transformers folder)")
+        raise RecipeError(f"{step}: the recipe needs an input_model of type HfModel (a transformers folder)")
     data = options.get("train_data_config") or {}
     if "data_files" not in data:
-        raise RecipeError("LoRA: train_data_config.data_files (a local .jsonl/.csv/.txt file) is required")
+        raise RecipeError(f"{step}: train_data_config.data_files (a local .jsonl/.csv/.txt file) is required")
     config = {"r": options["r"], "lora_alpha": options["alpha"], "lora_dropout": options["lora_dropout"],
-              "target_modules": options["target_modules"], "use_dora": options["use_dora"]}
+              "target_modules": options["target_modules"], "use_dora": options.get("use_dora", False)}
+    quantize = None
+    if step == "QLoRA":
+        quantize = {"quant_type": options["quant_type"], "double_quant": options["double_quant"]}
+    if step == "LoftQ":
+        config.update(init_lora_weights="loftq", loftq_config={"loftq_bits": 4, "loftq_iter": options["loftq_iter"]})
     name = options["adapter_name"]
     out = state.output_dir / "adapters_peft" / name
     train(state.hf_model, data["data_files"], out, method="lora", task=data.get("task", "sequence-classification"),
           text_field=data.get("text_field", "text"), label_field=data.get("label_field", "label"),
-          config=config, training_args=options.get("training_args") or {}, eval_data=data.get("eval_files"))
+          config=config, training_args=options.get("training_args") or {}, eval_data=data.get("eval_files"),
+          quantize=quantize)
     state.adapters[name] = out
-    state.log.append(f"LoRA: trained adapter {name!r} -> {out}")
+    state.log.append(f"{step}: trained adapter {name!r} -> {out}")
 
 
 def _onnx_conversion(options: dict[str, Any], state: RecipeState) -> None:
@@ -82,7 +90,8 @@ def _onnx_conversion(options: dict[str, Any], state: RecipeState) -> None:
     if mode == "in-graph" and adapters and len(adapters) > 1:
         mode = "inputs"
     state.onnx_model = export(state.hf_model, out, adapters=adapters, task=options["task"], mode=mode,
-                              dtype=options["dtype"], opset=options["target_opset"])
+                              dtype=options["dtype"], opset=options["target_opset"], quantize=options["quantize"],
+                              double_quant=options["double_quant"], block_size=options["block_size"])
     for path in sorted((out / "adapters").glob("*.onnx_adapter")):
         state.adapter_files[path.stem] = path
     state.log.append(f"OnnxConversion: {state.onnx_model}")
@@ -127,7 +136,17 @@ STEP_TYPES: dict[str, StepType] = {
     "LoRA": StepType({"r": 16, "alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear",
                       "use_dora": False, "adapter_name": "default", "train_data_config": None,
                       "training_args": None}, False, _lora),
-    "OnnxConversion": StepType({"task": "auto", "mode": "in-graph", "dtype": "fp32", "target_opset": None},
+    # Olive's QLoRA / LoftQ: compute_dtype is accepted for Olive recipes; CPU training runs in fp32
+    "QLoRA": StepType({"r": 16, "alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear",
+                       "adapter_name": "default", "train_data_config": None, "training_args": None,
+                       "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}, False,
+                      lambda options, state: _lora(options, state, "QLoRA")),
+    "LoftQ": StepType({"r": 16, "alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear",
+                       "adapter_name": "default", "train_data_config": None, "training_args": None,
+                       "loftq_iter": 1, "compute_dtype": "float32"}, False,
+                      lambda options, state: _lora(options, state, "LoftQ")),
+    "OnnxConversion": StepType({"task": "auto", "mode": "in-graph", "dtype": "fp32", "target_opset": None,
+                                "quantize": None, "double_quant": False, "block_size": 64},
                                False, _onnx_conversion),
     "MergeAdapterWeights": StepType({"adapter": None}, True, _merge),
     # dynamic_lora_r: Olive's flag; our rank dims are always symbolic (one per module).

@@ -323,14 +323,16 @@ def train(model_dir_or_model: str | os.PathLike | nn.Module, data: str | os.Path
           text_field: str = "text", label_field: str = "label", config: AdapterConfig | dict | None = None,
           training_args: dict[str, Any] | None = None, eval_data: str | os.PathLike | Sequence[dict] | None = None,
           resume_from_checkpoint: str | os.PathLike | bool | None = None, quiet: bool = False,
-          tokenizer: Any = None, max_length: int = 512) -> TrainResult:
+          tokenizer: Any = None, max_length: int = 512, quantize: dict[str, Any] | None = None) -> TrainResult:
     """Train a ``method`` adapter on ``data`` and write it to ``output_dir`` in PEFT format.
 
     ``model_dir_or_model``: a transformers model directory (with its tokenizer), a
     transformers model, or an onnx-peft ``PeftModel`` to keep training (then ``config`` is
     ignored). ``data``/``eval_data``: a .jsonl/.json/.csv/.txt file or a list of dicts.
     For ``sequence-classification`` the head trains fully (``modules_to_save``) and the
-    label names go to ``output_dir/labels.json``. ``resume_from_checkpoint``: a
+    label names go to ``output_dir/labels.json``. ``quantize``: QLoRA, the base's linear layers
+    quantized first (``onnx_peft.quantize_model`` arguments, e.g. ``{"quant_type": "nf4"}``).
+    ``resume_from_checkpoint``: a
     ``checkpoint-N`` folder of an earlier run, or True for the latest one in ``output_dir``.
     Runs unchanged under ``torchrun``/``accelerate launch`` (DDP); only rank 0 writes.
     """
@@ -349,7 +351,7 @@ def train(model_dir_or_model: str | os.PathLike | nn.Module, data: str | os.Path
 
     with _quiet_transformers(quiet):
         set_seed(args.seed)
-        model = _prepare_model(model_dir_or_model, method, config, task, label_map)
+        model = _prepare_model(model_dir_or_model, method, config, task, label_map, quantize)
         if tokenizer is None:
             source = model_dir_or_model if not isinstance(model_dir_or_model, nn.Module) else getattr(
                 getattr(model, "config", None), "_name_or_path", None)
@@ -412,7 +414,7 @@ def _checkpoint_path(resume: str | os.PathLike | bool | None, output_dir: Path) 
 
 
 def _prepare_model(model_or_dir: str | os.PathLike | nn.Module, method: str, config: AdapterConfig | dict | None,
-                   task: str, label_map: LabelMap | None) -> PeftModel:
+                   task: str, label_map: LabelMap | None, quantize: dict[str, Any] | None = None) -> PeftModel:
     if isinstance(model_or_dir, PeftModel):
         model = model_or_dir
         if label_map is not None:
@@ -427,6 +429,12 @@ def _prepare_model(model_or_dir: str | os.PathLike | nn.Module, method: str, con
             _check_num_labels(base, label_map)
     else:
         base = _load_base(Path(model_or_dir), task, label_map, torch.float32)
+    if quantize:  # QLoRA: a 4/8-bit base (onnx_peft.quantize_model), frozen and prepared as PEFT does
+        from .quant.layers import prepare_model_for_kbit_training, quantize_model
+
+        skip = ("lm_head", "classifier", "score")  # heads stay float (they train in full for SEQ_CLS)
+        base = prepare_model_for_kbit_training(quantize_model(base, skip_modules=skip, **quantize),
+                                               use_gradient_checkpointing=False)
     model = get_peft_model(base, adapter_config)
     _upcast_trainable(model)
     return model

@@ -123,3 +123,39 @@ def test_cli_reports_bad_recipe_in_one_line(tmp_path, capsys):
     assert main(["run", str(bad), "--model", "x.onnx"]) == 1
     err = capsys.readouterr().err
     assert "unknown type 'Nope'" in err and "Traceback" not in err
+
+
+def test_qlora_recipe_trains_on_nf4_and_exports_the_same_codes(tmp_path):
+    import numpy as np
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from onnx_peft import PeftModel, quantize_model
+    from onnx_peft.runtime import AdapterSession
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    BertForSequenceClassification(BertConfig(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128, vocab_size=100,
+        max_position_embeddings=32, num_labels=2)).save_pretrained(model_dir)
+    _write_tokenizer(model_dir)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n"
+                            for t, lab in [("good film", "pos"), ("bad film", "neg")] * 8))
+    recipe = json.loads((RECIPES_DIR / "qlora-train-extract.json").read_text())
+    recipe["passes"][0]["training_args"] = {"max_steps": 3, "per_device_train_batch_size": 4, "seed": 0}
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    state = run_recipe(tmp_path / "recipe.json", model=model_dir, data=data, output_dir=tmp_path / "out")
+    adapter = state.adapters["default"]
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+    base = BertForSequenceClassification.from_pretrained(model_dir)
+    base = quantize_model(base, "nf4", double_quant=True, skip_modules=("classifier",))
+    torch_model = PeftModel.from_pretrained(base, adapter).eval()
+    ids = np.array([[2, 5, 7, 3], [2, 6, 7, 3]], dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    with torch.no_grad():
+        expected = torch_model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+    session = AdapterSession(state.onnx_model)
+    session.load_adapter("default", state.adapter_files["default"])
+    assert np.abs(session.run(["logits"], feeds, adapter="default")[0] - expected).max() <= 1e-4
