@@ -126,6 +126,13 @@ def _insert(options: dict[str, Any], state: RecipeState) -> Any:
     return InsertAdapters(dict(state.adapters), mode=options["mode"])
 
 
+def _quantize_base(options: dict[str, Any], state: RecipeState) -> Any:
+    from .passes.quantize_base import QuantizeBase
+
+    return QuantizeBase(options["quant_type"], options["block_size"], options["double_quant"],
+                        skip=tuple(options["skip"]))
+
+
 def _multi(options: dict[str, Any], state: RecipeState) -> Any:
     from .passes.multi_adapter import MultiAdapterPass
 
@@ -156,6 +163,8 @@ STEP_TYPES: dict[str, StepType] = {
                                 True, _extract),
     "InsertAdapters": StepType({"mode": "slots"}, True, _insert),
     "MultiAdapter": StepType({"ids_input": "adapter_ids"}, True, _multi),
+    "QuantizeBase": StepType({"quant_type": "nf4", "block_size": 64, "double_quant": False, "skip": ("lm_head",)},
+                             True, _quantize_base),
 }
 ALIASES = {"MergeAdapters": "MergeAdapterWeights", "Export": "OnnxConversion", "LoRAPass": "LoRA"}
 

@@ -159,3 +159,22 @@ def test_qlora_recipe_trains_on_nf4_and_exports_the_same_codes(tmp_path):
     session = AdapterSession(state.onnx_model)
     session.load_adapter("default", state.adapter_files["default"])
     assert np.abs(session.run(["logits"], feeds, adapter="default")[0] - expected).max() <= 1e-4
+
+
+def test_quantize_base_step_keeps_extracted_slots_float(tmp_path):
+    import onnx
+
+    c = case("llama_dyn")
+    recipe = {"input_model": {"type": "ONNXModel", "model_path": str(c.path)},
+              "passes": [{"type": "ExtractAdapters"}, {"type": "QuantizeBase", "quant_type": "int4", "block_size": 16}]}
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    state = run_recipe(tmp_path / "recipe.json", model=c.path, output_dir=tmp_path / "out")
+    proto = onnx.load(state.onnx_model, load_external_data=False)
+    assert sum(n.op_type == "MatMulNBits" for n in proto.graph.node) > 0
+    slots = [i for i in proto.graph.input if i.name.endswith((".lora_A.weight", ".lora_B.weight"))]
+    assert slots and all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in slots)
+    tensors, _ = load_adapter_file(state.adapter_files["extracted"])
+    quantized_base = run_onnx(state.onnx_model, c.feeds)
+    with_adapter = run_onnx(state.onnx_model, {**c.feeds, **tensors})
+    # int4 moves the base a little; the adapter still moves it as in float
+    assert max_diff(with_adapter - quantized_base, c.adapted - c.base) < 0.1 * max(1e-6, abs(c.adapted - c.base).max())
