@@ -192,6 +192,10 @@ def load_model_dir(model_dir: str | os.PathLike, task: str = "auto",
                     "(the adapters' own heads replace it)", path, getattr(config, "num_labels", "?"),
                     num_labels, num_labels)
         extra = {"num_labels": num_labels, "ignore_mismatched_sizes": True}
+    quantized = getattr(config, "quantization_config", None)
+    if quantized is not None:  # a 4-bit checkpoint saved by transformers: loaded as it is, never re-quantized
+        extra["device_map"] = "cpu"
+        _require_bitsandbytes(path)
     try:
         with _quiet_warnings():
             model = cls.from_pretrained(path, local_files_only=True, **extra)
@@ -200,7 +204,21 @@ def load_model_dir(model_dir: str | os.PathLike, task: str = "auto",
             f"{path}: transformers could not load the weights as {getattr(cls, '__name__', cls)} "
             f"({type(exc).__name__}: {exc})"
         ) from exc
+    if quantized is not None:  # its float parts go to fp32; the packed codes stay as saved
+        torch = require_torch()
+        for param in model.parameters():
+            if param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()
+        return model.eval(), task
     return model.float().eval(), task
+
+
+def _require_bitsandbytes(path: Path) -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependencyError(f"{path} is a bitsandbytes-quantized checkpoint (quantization_config in "
+                                     "config.json); loading it needs bitsandbytes: pip install bitsandbytes") from exc
 
 
 # --------------------------------------------------------------------------------------------

@@ -147,3 +147,23 @@ def test_a_4bit_peft_model_exports_with_its_own_codes_and_matches_torch(mode, tm
     else:  # merged into the 4-bit base (requantized in torch): ORT runs exactly that merged model
         merged = logits(copy.deepcopy(model).merge_and_unload()).numpy()
         assert np.abs(session.run(["logits"], feeds)[0] - merged).max() <= 1e-4
+
+
+def test_a_4bit_checkpoint_folder_exports_without_requantizing(llama64_dir, tmp_path):  # noqa: F811
+    import numpy as np
+
+    from onnx_peft import AdapterSession, export
+    from onnx_peft.graph.io import load_model
+    from onnx_peft.graph.modules import find_linear_sites
+    from onnx_peft.passes.quantize_base import read_quantized
+    from onnx_peft.quant.layers import quant_state
+
+    model = load_4bit(llama64_dir)
+    model.save_pretrained(tmp_path / "nf4")  # transformers' 4-bit checkpoint: packed codes + quant states
+    codes = quant_state(model.model.layers[0].mlp.down_proj)
+    reference = quantize_model(llama64(), "nf4", blocksize=64, double_quant=True).eval()
+    out = export(tmp_path / "nf4", tmp_path / "onnx", task="causal-lm", quiet=True)
+    node = find_linear_sites(load_model(out))["model.layers.0.mlp.down_proj"].node
+    np.testing.assert_array_equal(read_quantized(node).state().packed, codes.packed)
+    feeds = {"input_ids": IDS.numpy(), "attention_mask": np.ones_like(IDS.numpy())}
+    assert np.abs(AdapterSession(out).run(["logits"], feeds)[0] - logits(reference).numpy()).max() <= 1e-4
