@@ -167,3 +167,25 @@ def test_a_4bit_checkpoint_folder_exports_without_requantizing(llama64_dir, tmp_
     np.testing.assert_array_equal(read_quantized(node).state().packed, codes.packed)
     feeds = {"input_ids": IDS.numpy(), "attention_mask": np.ones_like(IDS.numpy())}
     assert np.abs(AdapterSession(out).run(["logits"], feeds)[0] - logits(reference).numpy()).max() <= 1e-4
+
+
+def test_ort_equals_peft_qlora_on_the_bitsandbytes_base_with_and_without_adapter(llama64_dir, tmp_path):  # noqa: F811
+    import numpy as np
+
+    from onnx_peft import AdapterSession, export
+
+    load_4bit(llama64_dir).save_pretrained(tmp_path / "nf4")
+    theirs = peft.get_peft_model(load_4bit(tmp_path / "nf4"), peft.LoraConfig(r=4, lora_alpha=8,
+                                                                               target_modules="all-linear")).eval()
+    perturb_trainable(theirs, seed=4, scale=0.2)
+    theirs.save_pretrained(tmp_path / "adapter")
+    expected = logits(theirs).numpy()
+    with theirs.disable_adapter():
+        base = logits(theirs).numpy()
+    out = export(tmp_path / "nf4", tmp_path / "onnx", adapters={"a": tmp_path / "adapter"}, task="causal-lm",
+                 mode="inputs", quiet=True)
+    session = AdapterSession(out)
+    session.load_adapter("a", out.parent / "adapters" / "a.onnx_adapter")
+    feeds = {"input_ids": IDS.numpy(), "attention_mask": np.ones_like(IDS.numpy())}
+    assert np.abs(session.run(["logits"], feeds, adapter="a")[0] - expected).max() <= 1e-4
+    assert np.abs(session.run(["logits"], feeds)[0] - base).max() <= 1e-4
