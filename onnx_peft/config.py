@@ -69,6 +69,10 @@ class AdapterConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        for name in ("target_modules", "exclude_modules", "feedforward_modules", "modules_to_save"):
+            value = getattr(self, name, None)
+            if isinstance(value, (set, tuple)):  # PEFT writes module lists as JSON lists
+                setattr(self, name, sorted(value))
         self.validate()
 
     def validate(self) -> None:

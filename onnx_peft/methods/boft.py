@@ -54,10 +54,6 @@ class BOFTConfig(AdapterConfig):
     layers_pattern: list[str] | str | None = None
 
     def validate(self) -> None:
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.exclude_modules, (set, tuple)):
-            self.exclude_modules = sorted(self.exclude_modules)
         for name in ("boft_block_size", "boft_block_num"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

@@ -51,10 +51,6 @@ class HRAConfig(AdapterConfig):
     modules_to_save: list[str] | None = None
 
     def validate(self) -> None:
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.exclude_modules, (set, tuple)):
-            self.exclude_modules = sorted(self.exclude_modules)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise AdapterConfigError(f"HRAConfig.r must be a positive integer, got {self.r!r}")
         if not isinstance(self.apply_GS, bool):

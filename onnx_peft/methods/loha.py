@@ -80,10 +80,6 @@ class LycorisConfig(AdapterConfig):
 
     def validate(self) -> None:
         name = type(self).__name__
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.exclude_modules, (set, tuple)):
-            self.exclude_modules = sorted(self.exclude_modules)
         ranks = {"r": self.r, **{f"rank_pattern[{k!r}]": v for k, v in (self.rank_pattern or {}).items()}}
         for key, rank in ranks.items():
             if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:

@@ -56,10 +56,6 @@ class LoraConfig(AdapterConfig):
     def validate(self) -> None:
         if dataclasses.is_dataclass(self.loftq_config):  # a LoftQConfig: stored as PEFT writes it
             self.loftq_config = dataclasses.asdict(self.loftq_config)
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.exclude_modules, (set, tuple)):
-            self.exclude_modules = sorted(self.exclude_modules)
         if not isinstance(self.r, int) or self.r <= 0:
             raise AdapterConfigError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
         if self.bias not in ("none", "all", "lora_only"):

@@ -57,10 +57,6 @@ class OFTConfig(AdapterConfig):
     num_cayley_neumann_terms: int = 5
 
     def validate(self) -> None:
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.exclude_modules, (set, tuple)):
-            self.exclude_modules = sorted(self.exclude_modules)
         for name in ("r", "oft_block_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

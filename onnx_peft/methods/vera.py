@@ -50,8 +50,6 @@ class VeraConfig(AdapterConfig):
     layers_pattern: list[str] | str | None = None
 
     def validate(self) -> None:
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise AdapterConfigError(f"VeraConfig.r must be a positive integer, got {self.r!r}")
         if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key, bool):
