@@ -189,3 +189,25 @@ def test_ort_equals_peft_qlora_on_the_bitsandbytes_base_with_and_without_adapter
     feeds = {"input_ids": IDS.numpy(), "attention_mask": np.ones_like(IDS.numpy())}
     assert np.abs(session.run(["logits"], feeds, adapter="a")[0] - expected).max() <= 1e-4
     assert np.abs(session.run(["logits"], feeds)[0] - base).max() <= 1e-4
+
+
+def test_per_row_adapters_on_a_4bit_base(tmp_path):
+    import numpy as np
+
+    from onnx_peft import AdapterSession, export
+    from onnx_peft.passes.multi_adapter import multi_adapter
+
+    model = get_peft_model(quantize_model(llama64(), "nf4", blocksize=64),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)).eval()
+    perturb_trainable(model, seed=5, scale=0.1)
+    ids = torch.cat([IDS, IDS[:1]])
+    expected = logits(model, ids).numpy()
+    with model.disable_adapter():
+        base = logits(model, ids).numpy()
+    out = export(model, tmp_path / "slots", task="causal-lm", mode="inputs", quiet=True)
+    session = AdapterSession(multi_adapter(out, tmp_path / "multi"))
+    session.load_adapter("a", out.parent / "adapters" / "default.onnx_adapter")
+    feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy())}
+    mixed = session.run(["logits"], feeds, adapter=["a", None, "a"])[0]
+    assert np.abs(mixed[[0, 2]] - expected[[0, 2]]).max() <= 1e-4
+    assert np.abs(mixed[1] - base[1]).max() <= 1e-4
