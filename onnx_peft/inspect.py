@@ -96,8 +96,8 @@ def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
             if slot.method not in entry["method"].split("+"):
                 entry["method"] += "+" + slot.method
             entry["slots"].append(slot.name)
+    from .graph.banks import MULTI_ADAPTER_KEY
     from .passes.extract_adapters import read_packing
-    from .runtime import MULTI_ADAPTER_KEY
 
     layout = model.metadata_props.get(MULTI_ADAPTER_KEY)
     info["multi_adapter"] = json.loads(layout) if layout else None

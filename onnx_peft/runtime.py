@@ -29,7 +29,7 @@ import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +43,10 @@ from .errors import (
     RuntimeSessionError,
     require_onnxruntime,
 )
+from .graph.banks import MULTI_ADAPTER_KEY, BankEntry, MultiLayout, stack_bank  # noqa: F401  (public here too)
 from .graph.contract import RANK_DIM, Contract, Slot, check_adapter, read_contract
-from .methods.forms import default_array
 
 logger = logging.getLogger(__name__)
-
-MULTI_ADAPTER_KEY = "onnx_peft.multi_adapter"
-"""metadata_props key of a MultiAdapter model: JSON ``{"ids_input", "batch_input", "banks"}``."""
 
 _ORT_TO_NUMPY = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -90,46 +87,6 @@ class _Loaded:
     row: int = 0  # bank row on MultiAdapter models; stable while loaded
     in_use: int = 0
     unloading: bool = False
-
-
-@dataclass(frozen=True)
-class BankEntry:
-    """One bank input of a MultiAdapter model and the slot it stands for."""
-
-    slot: str       # e.g. "model.layers.0.mlp.up_proj.lora_A.weight"
-    bank: str       # e.g. "model.layers.0.mlp.up_proj.lora_A.bank"
-    kind: str       # "slot": [N, *slot shape]; full weights "W": [N, in, out], "b": [N, out]
-    module: str
-    dims: tuple[int, int]  # (in, out) of the site
-    dtype: str
-    shape: tuple[int | str, ...] = ()  # the slot's shape (symbolic dims zero-padded to the largest)
-    default: str = "zeros"             # what rows without this slot hold (methods.forms.default_array)
-
-
-@dataclass
-class MultiLayout:
-    """What the MultiAdapter pass records in ``metadata_props[MULTI_ADAPTER_KEY]``."""
-
-    ids_input: str = "adapter_ids"
-    batch_input: str = ""
-    banks: list[BankEntry] = field(default_factory=list)
-
-    def to_json(self) -> str:
-        import json
-
-        return json.dumps({"version": 1, "ids_input": self.ids_input, "batch_input": self.batch_input,
-                           "banks": [{**b.__dict__, "dims": list(b.dims)} for b in self.banks]},
-                          sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> MultiLayout:
-        import json
-
-        data = json.loads(text)
-        banks = [BankEntry(**{**b, "dims": tuple(b["dims"]), "shape": tuple(b.get("shape", ()))})
-                 for b in data.get("banks", [])]
-        return cls(ids_input=data.get("ids_input", "adapter_ids"),
-                   batch_input=data.get("batch_input", ""), banks=banks)
 
 
 @dataclass(frozen=True)
@@ -374,12 +331,7 @@ class AdapterSession:
                 continue
             tensors = [(adapters[n].row, adapters[n].arrays[entry.slot]) for n in order
                        if entry.slot in adapters[n].arrays]
-            dims = tuple(d if isinstance(d, int) else max([t.shape[axis] for _, t in tensors], default=0)
-                         for axis, d in enumerate(entry.shape))
-            bank = default_array((size, *dims), entry.default, np.dtype(entry.dtype))
-            for row, tensor in tensors:  # symbolic dims (ranks) zero-padded: exact for their forms
-                bank[(row, *(slice(0, d) for d in tensor.shape))] = tensor
-            values[entry.bank] = self._to_device(bank)
+            values[entry.bank] = self._to_device(stack_bank(entry, size, tensors))
         return _Banks({name: adapters[name].row for name in order}, values, size)
 
     @property

@@ -28,7 +28,7 @@ Row 0 holds the base weight and bias (the banks' defaults), so id 0 = the base h
 fills rows of adapters without that module with the base tensors too.
 
 The model keeps its adapter-facing contract (the slots adapter files must fit) and records the
-bank layout under ``metadata_props["onnx_peft.multi_adapter"]`` (see ``runtime.MultiLayout``).
+bank layout under ``metadata_props["onnx_peft.multi_adapter"]`` (see ``graph.banks.MultiLayout``).
 Needs only onnx_ir and numpy.
 """
 
@@ -41,12 +41,12 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import NoAdapterSitesError, OnnxPeftError
+from ..graph.banks import MULTI_ADAPTER_KEY, BankEntry, MultiLayout
 from ..graph.branch import graft, ungraft
 from ..graph.contract import FULL_WEIGHT_METHOD, Slot, read_contract
 from ..graph.modules import find_linear_sites
 from ..graph.sites import remove_dead
 from ..methods.forms import default_array, form
-from ..runtime import MULTI_ADAPTER_KEY, BankEntry, MultiLayout
 
 BANK_ROWS = "num_adapters"
 
