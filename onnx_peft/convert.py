@@ -77,18 +77,28 @@ class PeftAdapter:
     _slots: dict[str, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def read(cls, name: str, directory: str | os.PathLike, allow_pickle: bool = False) -> PeftAdapter:
+    def read(cls, name: str, directory: str | os.PathLike, allow_pickle: bool = False,
+             variant: str | None = None) -> PeftAdapter:
         config, tensors = read_peft_adapter(directory, allow_pickle=allow_pickle)
-        return cls.from_tensors(name, f"adapter {name!r} ({directory})", config, tensors)
+        return cls.from_tensors(name, f"adapter {name!r} ({directory})", config, tensors, variant)
 
     @classmethod
     def from_tensors(cls, name: str, source: str, config: AdapterConfig,
-                     tensors: Mapping[str, np.ndarray]) -> PeftAdapter:
+                     tensors: Mapping[str, np.ndarray], variant: str | None = None) -> PeftAdapter:
+        """``variant``: one of the adapters a checkpoint holds (``Method.variants``: Poly's
+        ``"task1"``), or None for the checkpoint as one adapter."""
         method = method_for(config)
         saved = list(getattr(config, "modules_to_save", None) or [])
         if getattr(config, "task_type", None) == "SEQ_CLS":  # PEFT adds the head for this task
             saved += [h for h in ("classifier", "score") if h not in saved]
-        return cls(name, source, config, method, method.group(tensors, source, saved))
+        grouped = method.group(tensors, source, saved)
+        if variant is not None:
+            try:
+                config, grouped = method.select_variant(config, grouped, variant)
+            except IncompatibleAdapterError as exc:
+                raise IncompatibleAdapterError(f"{source}: {exc}") from exc
+            source = f"{source} variant {variant!r}"
+        return cls(name, source, config, method, grouped)
 
     @property
     def modules(self) -> dict[str, dict[str, np.ndarray]]:
@@ -160,16 +170,17 @@ def adapter_slots(adapter: PeftAdapter, dtype: Any, base_weight: BaseWeights,
 
 def peft_to_slots(config: AdapterConfig, tensors: Mapping[str, np.ndarray], dtype: Any = np.float32,
                   base_weight: BaseWeights | None = None, contract: Contract | None = None,
-                  source: str = "adapter") -> dict[str, np.ndarray]:
+                  source: str = "adapter", variant: str | None = None) -> dict[str, np.ndarray]:
     """All slot tensors of a PEFT adapter (config + PEFT-keyed tensors), any method.
 
     ``base_weight(module) -> [out, in] array`` is needed by methods whose slots depend on it;
     ``contract`` gives full-weight (modules_to_save) slots their layout and shapes the slots
-    (a ``[out]`` factor stays ``[out]``).
+    (a ``[out]`` factor stays ``[out]``). ``variant``: which adapter of a checkpoint that holds
+    several (``Method.variants``: Poly's ``"task1"``).
     """
     dtype = numpy_dtype(dtype)
     slots, rest = full_weight_tensors(tensors, contract, dtype)
-    adapter = PeftAdapter.from_tensors("adapter", source, config, rest)
+    adapter = PeftAdapter.from_tensors("adapter", source, config, rest, variant)
     module_map = None
     if contract is not None:
         from .graph.modules import match_module
@@ -219,13 +230,16 @@ def _is_slot_file(tensors: Mapping[str, np.ndarray]) -> bool:
 
 def convert_adapters(adapter: str | os.PathLike, model_path: str | os.PathLike | None = None, *,
                      output_path: str | os.PathLike, dtype: str | None = None,
-                     format: AdapterFileFormat | str | None = None, allow_pickle: bool = False) -> Path:
+                     format: AdapterFileFormat | str | None = None, allow_pickle: bool = False,
+                     variant: str | None = None) -> Path:
     """Write ``adapter`` (a PEFT dir, or a slot file from us or Olive) as a slot adapter file.
 
     With ``model_path`` the tensors are checked against the model's contract (names, shapes,
     dtype: ``IncompatibleAdapterError`` names the first mismatch) and the file records the
     model's fingerprint. ``dtype``: float32 or float16; None takes the model's slot dtype
-    (float32 without a model). ``format``: by suffix when None.
+    (float32 without a model). ``format``: by suffix when None. ``variant``: which adapter of a
+    PEFT checkpoint that holds several (``Method.variants``: Poly's ``"task1"``); a slot file
+    has none.
     """
     adapter = Path(adapter)
     model, contract = _model_contract(model_path) if model_path is not None else (None, None)
@@ -236,9 +250,13 @@ def convert_adapters(adapter: str | os.PathLike, model_path: str | os.PathLike |
     if adapter.is_dir():
         config, peft_tensors = read_peft_adapter(adapter, allow_pickle=allow_pickle)
         reader = base_weight_reader(model) if model is not None else None
-        slots = peft_to_slots(config, peft_tensors, target_dtype, reader, contract, source=str(adapter))
+        slots = peft_to_slots(config, peft_tensors, target_dtype, reader, contract, source=str(adapter),
+                              variant=variant)
         file_fingerprint = fingerprint
     else:
+        if variant is not None:
+            raise IncompatibleAdapterError(
+                f"{adapter}: a slot file is one adapter; variant={variant!r} applies to PEFT adapter directories")
         slots, file_fingerprint = load_adapter_file(adapter)
         if not _is_slot_file(slots):
             raise CheckpointError(

@@ -25,7 +25,7 @@ from .errors import AdapterConfigError, CheckpointError, OnnxPeftError
 from .methods.base import layer_attrs, method_for
 from .quant.layers import is_quantized_linear
 from .targets import is_target
-from .tuners.base import AdapterLayer, ModulesToSaveWrapper
+from .tuners.base import AdapterLayer, ModulesToSaveWrapper, layer_call_args
 
 _SEQ_CLS_HEADS = ["classifier", "score"]
 
@@ -120,12 +120,15 @@ class PeftModel(nn.Module):
         return self.active_adapters[0] if self.active_adapters else ""
 
     def _forward(self, *args, **kwargs):
-        return self.base_model.model(*args, **kwargs)
+        # layer call args: keyword arguments adapter layers take (Poly's task_ids) go to them
+        with layer_call_args(self.base_model.model, kwargs):
+            return self.base_model.model(*args, **kwargs)
 
     forward = _forward
 
     def generate(self, *args, **kwargs):
-        return self.base_model.model.generate(*args, **kwargs)
+        with layer_call_args(self.base_model.model, kwargs):  # layer call args, as in _forward
+            return self.base_model.model.generate(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
@@ -148,9 +151,12 @@ class PeftModel(nn.Module):
                 "adapters; one PeftModel holds adapters of one method, as in PEFT")
         config = dataclasses.replace(peft_config)
         model = self.base_model.model
+        tuner = method.tuner()
+        # a tuner may pick its module paths itself (Llama-Adapter: the attention of the top N layers)
+        chosen = tuner.select_targets(model, config) if hasattr(tuner, "select_targets") else None
         if getattr(config, "target_modules", None) == "all-linear":
             config.target_modules = linear_module_names(model)
-        if getattr(config, "target_modules", None) is None:
+        if chosen is None and getattr(config, "target_modules", None) is None:
             raise AdapterConfigError(
                 f"{type(config).__name__}.target_modules is required (a list, a regex or 'all-linear')")
         if config.task_type == "SEQ_CLS":
@@ -158,11 +164,10 @@ class PeftModel(nn.Module):
             config.modules_to_save = list(saved) + [h for h in _SEQ_CLS_HEADS if h not in saved]
             if peft_config.target_modules == "all-linear":  # the head trains whole, not as LoRA
                 config.target_modules = [t for t in config.target_modules if t not in config.modules_to_save]
-        tuner = method.tuner()
         try:
             if hasattr(tuner, "before_inject"):  # shared state (VeRA's projections) on base_model
                 tuner.before_inject(self.base_model, adapter_name, config)
-            if not self._inject(model, adapter_name, config, tuner):
+            if not self._inject(model, adapter_name, config, tuner, chosen):
                 raise AdapterConfigError(
                     f"target modules {config.target_modules!r} matched no supported module of "
                     f"{type(model).__name__}; check the names with model.named_modules()"
@@ -173,20 +178,21 @@ class PeftModel(nn.Module):
         self.peft_config[adapter_name] = config
         self.set_adapter(self.active_adapters or [adapter_name])
 
-    def _inject(self, model: nn.Module, adapter_name: str, config: AdapterConfig, tuner: Any) -> int:
+    def _inject(self, model: nn.Module, adapter_name: str, config: AdapterConfig, tuner: Any,
+                chosen: list[str] | None = None) -> int:
+        """Wrap every target (``chosen`` paths where the tuner picked them, else ``is_target``)."""
         matched = 0
         for key, module in list(model.named_modules()):
             if not key or self._is_inside_tuner(model, key):
                 continue
-            wrap_save = config.modules_to_save and any(
-                key == name or key.endswith(f".{name}") for name in config.modules_to_save
-            )
+            saved = getattr(config, "modules_to_save", None)  # a field of most configs, not all
+            wrap_save = saved and any(key == name or key.endswith(f".{name}") for name in saved)
             if wrap_save:
                 wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
                 wrapper.add(adapter_name)
                 self._replace(model, key, wrapper)
                 continue
-            if not is_target(key, config):
+            if not (key in chosen if chosen is not None else is_target(key, config)):
                 continue
             if isinstance(module, tuner.Layer):
                 tuner.add_adapter(module, adapter_name, config, key)
@@ -404,6 +410,11 @@ class PeftModel(nn.Module):
         saves ``init_lora_weights=True`` when the residual model itself is shipped).
         """
         config = config or AdapterConfig.from_pretrained(model_id)
+        if _prompt_learning(config):  # prompt / prefix methods leave the model's layers alone
+            from .prompt_model import PromptLearningModel
+
+            return PromptLearningModel.from_pretrained(model, model_id, adapter_name, is_trainable, config,
+                                                       allow_pickle)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         peft_model = cls(model, config, adapter_name)
         try:
@@ -495,5 +506,14 @@ def _is_adapter_param(name: str) -> bool:
 
 def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default",
                    **kwargs: Any) -> PeftModel:
-    """Wrap ``model`` with a new trainable adapter, like ``peft.get_peft_model``."""
+    """Wrap ``model`` with a new trainable adapter, like ``peft.get_peft_model``; prompt-learning
+    configs give a :class:`~onnx_peft.prompt_model.PromptLearningModel`."""
+    if _prompt_learning(peft_config):
+        from .prompt_model import PromptLearningModel
+
+        return PromptLearningModel(model, peft_config, adapter_name)
     return PeftModel(model, peft_config, adapter_name)
+
+
+def _prompt_learning(config: AdapterConfig) -> bool:
+    return bool(getattr(method_for(config), "is_prompt_learning", False))

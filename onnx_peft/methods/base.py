@@ -144,6 +144,21 @@ class Method(abc.ABC):
         (forms in methods/forms.py). ``base_weight()`` gives ``W [out, in]`` where the slot
         tensors depend on it (DoRA's factor, HRA's folded reflections)."""
 
+    # -- variants: one checkpoint, several adapters (Poly's tasks) -----------------------------
+    def variants(self, config: AdapterConfig) -> tuple[str, ...]:
+        """Names of the adapters one checkpoint of this method holds, each with its own slot
+        tensors and merged weight (Poly: one LoRA per task, ``("task0", "task1", ...)``); ``()``
+        for a method whose checkpoint is one adapter. Callers name variant ``v`` of adapter
+        ``NAME`` as ``NAME.v``."""
+        return ()
+
+    def select_variant(self, config: AdapterConfig, tensors: AdapterTensors, variant: str
+                       ) -> tuple[AdapterConfig, AdapterTensors]:
+        """``(config, tensors)`` of the one adapter ``variant`` (a name from :meth:`variants`),
+        which ``slot_tensors`` / ``merged_weight`` then take like any adapter of this method."""
+        raise IncompatibleAdapterError(
+            f"a {self.peft_type} adapter is one adapter and has no variants; got variant={variant!r}")
+
     # -- torch ---------------------------------------------------------------------------------
     def tuner(self) -> Any:
         """The torch module of this method (imports torch)."""

@@ -8,6 +8,9 @@ The verbs shared by every method live here (activate, delete, merge, unmerge, an
 from __future__ import annotations
 
 import abc
+import contextlib
+from collections.abc import Iterator, MutableMapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,6 +50,9 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
     adapter_layer_names: tuple[str, ...] = ()
     # Names of plain dict attributes holding per-adapter hyper-parameters.
     other_param_names: tuple[str, ...] = ()
+    # Keyword arguments of PeftModel.forward/generate this layer reads (Poly's task_ids); they
+    # are in ``self.call_args`` for the duration of the call (see :func:`layer_call_args`).
+    call_kwargs: tuple[str, ...] = ()
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -54,6 +60,7 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
+        self.call_args: dict[str, Any] = {}
 
     # -- bookkeeping -----------------------------------------------------------------------
     def get_base_layer(self) -> nn.Module:
@@ -168,6 +175,23 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
     @abc.abstractmethod
     def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The unmerged forward with the active adapters (each method's math)."""
+
+
+@contextlib.contextmanager
+def layer_call_args(model: nn.Module, kwargs: MutableMapping[str, Any]) -> Iterator[None]:
+    """Hand a PeftModel.forward/generate call's keyword arguments meant for adapter layers
+    (``AdapterLayer.call_kwargs``: Poly's ``task_ids [batch]``) to those layers for the duration
+    of the call, popping them from ``kwargs`` so that the wrapped model never sees them (PEFT
+    does the same with forward pre-hooks). A model without such layers is left as it is."""
+    layers = [m for m in model.modules() if isinstance(m, AdapterLayer) and m.call_kwargs]
+    taken = {name: kwargs.pop(name) for layer in layers for name in layer.call_kwargs if name in kwargs}
+    for layer in layers:
+        layer.call_args = {k: v for k, v in taken.items() if k in layer.call_kwargs}
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.call_args = {}
 
 
 class ModulesToSaveWrapper(nn.Module):

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import OnnxPeftError, require_torch
+from ..errors import OnnxPeftError, require_torch
 
 # Example sizes for tracing. All >= 2 and distinct, so torch.export keeps each dim symbolic.
 _BATCH, _SEQUENCE, _PAST = 2, 3, 4
