@@ -24,6 +24,7 @@ from .errors import IncompatibleAdapterError, RuntimeSessionError
 
 PROMPT_KEY = "onnx_peft.prompt"
 PROMPT_EMBEDS, PROMPT_MASK, PREFIX_MASK = "prompt_embeds", "prompt_mask", "prefix_mask"
+PROMPT_INPUT_NAMES = (PROMPT_EMBEDS, PROMPT_MASK, PREFIX_MASK)
 
 
 def prefix_names(layers: int) -> list[str]:
@@ -43,6 +44,18 @@ class PromptLayout:
     layers: int = 0
     heads: int = 0
     head_dim: int = 0
+    max_positions: int = 0  # the model's position limit (0: none known)
+
+    def check_length(self, rows: Sequence[PromptAdapter | None], tokens: int) -> None:
+        """Refuse a batch whose virtual tokens + prefix + ``tokens`` pass the model's positions."""
+        if not self.max_positions:
+            return
+        worst = max(rows, key=lambda r: 0 if r is None else r.length, default=None)
+        longest = max((0 if r is None else r.length for r in rows), default=0)
+        if longest + tokens > self.max_positions:
+            raise RuntimeSessionError(
+                f"{worst.label if worst is not None else 'the input'}: {longest} virtual tokens + {tokens} tokens "
+                f"= {longest + tokens} positions, the model has {self.max_positions}; shorten the input")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -195,3 +208,55 @@ def prefix_inputs(layout: PromptLayout, rows: Sequence[PromptAdapter | None], pr
                            np.dtype(layout.dtype))
     names = [f"{prefix}{i}.{kind}" for i in range(layout.layers) for kind in ("key", "value")]
     return {**{name: np.ascontiguousarray(cube[:, i]) for i, name in enumerate(names)}, PREFIX_MASK: mask}
+
+
+def task_list(task_ids: Any, batch: int) -> list[int | None]:
+    """``task_ids`` (None, one int, or one per row) -> one entry per row."""
+    if task_ids is None:
+        return [None] * batch
+    ids = np.asarray(task_ids).reshape(-1)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise RuntimeSessionError(f"task_ids must be integers, got {ids.dtype}")
+    if ids.size == 1:
+        return [int(ids[0])] * batch
+    if ids.size != batch:
+        raise RuntimeSessionError(f"task_ids has {ids.size} entries but the batch has {batch} rows")
+    return [int(t) for t in ids]
+
+
+@dataclass
+class GenerationStart:
+    """What a decode loop on a causal-lm-with-past graph needs from prompt adapters.
+
+    ``feeds``: the prompt inputs of the first step (prefill); ``past``: the initial
+    ``past_key_values.*`` (prefix rows, left-padded; the others empty and masked);
+    ``prefix_mask [b, Q]`` and ``prompt_mask [b, P]`` precede the tokens' mask from then on;
+    token positions are ``offsets[i]`` (the row's prompt or prefix length) plus the count of
+    real tokens before, except prompt rows, which count every token as PEFT does (``by_index``).
+    """
+
+    feeds: dict[str, np.ndarray]
+    past: dict[str, np.ndarray]
+    prefix_mask: np.ndarray
+    prompt_mask: np.ndarray
+    offsets: np.ndarray
+    by_index: np.ndarray
+
+    def positions(self, token_mask: np.ndarray) -> np.ndarray:
+        """``[b, tokens]`` positions of all tokens so far (prompt and prefix excluded)."""
+        counted = np.cumsum(token_mask, axis=1) - 1
+        counted[token_mask == 0] = 1
+        indexed = np.broadcast_to(np.arange(token_mask.shape[1]), token_mask.shape)
+        return np.where(self.by_index[:, None], indexed, counted) + self.offsets[:, None]
+
+
+def generation_start(layout: PromptLayout, rows: Sequence[PromptAdapter | None], tasks: Sequence[int | None]
+                     ) -> GenerationStart:
+    batch = len(rows)
+    feeds = prompt_inputs(layout, rows, tasks, with_prefix_inputs=False)
+    prompt_mask = np.broadcast_to(feeds[PROMPT_MASK], (batch, feeds[PROMPT_MASK].shape[1])).copy()
+    prefix = prefix_inputs(layout, rows, "past_key_values.")
+    prefix_mask = prefix.pop(PREFIX_MASK)
+    is_prompt = np.array([r is not None and r.kind == "prompt" for r in rows])
+    offsets = prompt_mask.sum(1) + prefix_mask.sum(1)
+    return GenerationStart(feeds, prefix, prefix_mask, prompt_mask, offsets.astype(np.int64), is_prompt)

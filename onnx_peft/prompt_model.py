@@ -29,7 +29,7 @@ from torch import nn
 
 from .checkpoint import load_adapter_weights, save_adapter_dir
 from .config import AdapterConfig
-from .errors import AdapterConfigError, OnnxPeftError
+from .errors import AdapterConfigError, IncompatibleAdapterError, OnnxPeftError
 from .methods.base import method_for
 from .methods.prompt_learning import PromptLearningConfig, prefix_pairs  # noqa: F401  (prefix_pairs: numpy twin)
 
@@ -80,6 +80,7 @@ class PromptLearningModel(nn.Module):
                                      f"supports {[t for t in TASK_TYPES if t]} here")
         config = copy.deepcopy(peft_config)
         config.prepare(self.base_model.config)
+        _check_fits(config, self.base_model)
         embeddings = self.word_embeddings
         encoder = method_for(config).tuner().make_encoder(config, embeddings)
         encoder.to(embeddings.weight.device)
@@ -151,6 +152,12 @@ class PromptLearningModel(nn.Module):
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                    labels=labels, **kwargs)
         config = self.active_peft_config
+        # -- CPT (tuners/cpt.py): its own labels, input_type_mask and loss ---------------------
+        if config.peft_type == "CPT":
+            from .tuners.cpt import cpt_forward
+
+            return cpt_forward(self, input_ids, attention_mask, inputs_embeds, labels, task_ids, **kwargs)
+        # -- end CPT ---------------------------------------------------------------------------
         kind = method_for(config).kind
         p = config.num_virtual_tokens
         batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
@@ -209,7 +216,10 @@ class PromptLearningModel(nn.Module):
         model_kwargs = original(*args, **kwargs)
         positions = model_kwargs.get("cache_position")
         prefill = positions is not None and int(positions[0]) == 0
-        cache = model_kwargs.get("past_key_values")
+        # transformers 5 calls the cache "cache" (PEFT 0.21 still looks for "past_key_values" and so
+        # re-injects the prompt at every decode step; we inject it once, as its forward implies)
+        cache_key = "cache" if "cache" in model_kwargs else "past_key_values"
+        cache = model_kwargs.get(cache_key)
         ids = model_kwargs["input_ids"]
         if cache is not None and cache.get_seq_length() >= ids.shape[1]:
             ids = model_kwargs["input_ids"] = ids[:, -1:]
@@ -224,7 +234,7 @@ class PromptLearningModel(nn.Module):
         self._adjust_kwargs(config, kind, ids.shape[0], model_kwargs)
         if cache is None or not cache.get_seq_length():
             if kind == "prefix":
-                model_kwargs["past_key_values"] = self.get_prompt(ids.shape[0])
+                model_kwargs[cache_key] = self.get_prompt(ids.shape[0])
             else:
                 embeds = self.word_embeddings(ids)
                 prompts = self.get_prompt(ids.shape[0], task_ids).to(embeds.dtype)
@@ -279,3 +289,22 @@ class PromptLearningModel(nn.Module):
         arrays = load_adapter_weights(model_id, allow_pickle=allow_pickle)
         method_for(config).group(arrays, source=str(model_id))  # stray / missing keys, named
         self.prompt_encoder[adapter_name].load({k: torch.from_numpy(v.astype("float32")) for k, v in arrays.items()})
+
+
+def _check_fits(config: PromptLearningConfig, model: nn.Module) -> None:
+    """An adapter whose config says another hidden size or layer count fails here, in model terms."""
+    method = method_for(config)
+    name = type(config).__name__
+    if method.kind == "prompt":
+        width = model.get_input_embeddings().weight.shape[1]
+        if config.token_dim != width:
+            raise IncompatibleAdapterError(f"{name}.token_dim={config.token_dim} but the model's hidden size is {width}; "
+                                           "the adapter was trained for another base model")
+        return
+    fresh = type(config)(num_virtual_tokens=1)
+    fresh.prepare(model.config)
+    for field_name in ("num_layers", "token_dim", "num_attention_heads"):
+        if getattr(config, field_name) != getattr(fresh, field_name):
+            raise IncompatibleAdapterError(
+                f"{name}.{field_name}={getattr(config, field_name)} but the model's is {getattr(fresh, field_name)}; "
+                "the prefix was trained for another base model")

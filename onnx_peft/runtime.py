@@ -45,6 +45,16 @@ from .errors import (
 )
 from .graph.banks import MULTI_ADAPTER_KEY, BankEntry, MultiLayout, stack_bank  # noqa: F401  (public here too)
 from .graph.contract import RANK_DIM, Contract, Slot, check_adapter, read_contract
+from .prompt_feeds import (
+    PROMPT_INPUT_NAMES,
+    PromptAdapter,
+    PromptLayout,
+    adapter_from_peft,
+    adapter_from_tensors,
+    generation_start,
+    prompt_inputs,
+    task_list,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +97,7 @@ class _Loaded:
     row: int = 0  # bank row on MultiAdapter models; stable while loaded
     in_use: int = 0
     unloading: bool = False
+    prompt: PromptAdapter | None = None  # a prompt-learning adapter (prompt_feeds.py)
 
 
 @dataclass(frozen=True)
@@ -158,6 +169,9 @@ class AdapterSession:
         if self.packing:
             self._managed |= {name for group in self.packing.values() for name in (group["data"], group["sizes"])}
         self._ids_input = self.layout.ids_input if self.layout is not None else None
+        self.prompt_layout = PromptLayout.from_metadata(metadata)
+        if self.prompt_layout is not None:  # prompt inputs are fed from loaded prompt adapters
+            self._managed |= {n for n in self._inputs if n in PROMPT_INPUT_NAMES or n.startswith("prefix.")}
         self._base_rows = self._read_base_rows()
 
         self._lock = threading.Condition()
@@ -189,7 +203,12 @@ class AdapterSession:
         with self._lock:
             if name in self._adapters:
                 raise RuntimeSessionError(f"adapter {name!r} is already loaded; unload_adapter({name!r}) first")
-        tensors, fingerprint, label = self._read_source(source)
+        prompt = self._read_prompt_dir(source)
+        if prompt is None:
+            tensors, fingerprint, label = self._read_source(source)
+            prompt = adapter_from_tensors(tensors, label)
+        if prompt is not None:
+            return self._add(name, self._checked_prompt(name, prompt))
         if self.packing and any(k in self._managed for k in tensors):
             from .passes.extract_adapters import unpack_adapter_tensors
 
@@ -209,7 +228,9 @@ class AdapterSession:
             keep = arrays if self.layout is not None else feeds  # banks: host arrays; CPU OrtValues share them
         else:
             keep = {}
-        loaded = _Loaded(name, label, keep, values)
+        self._add(name, _Loaded(name, label, keep, values))
+
+    def _add(self, name: str, loaded: _Loaded) -> None:
         with self._lock:
             if name in self._adapters:
                 raise RuntimeSessionError(f"adapter {name!r} is already loaded; unload_adapter({name!r}) first")
@@ -219,7 +240,34 @@ class AdapterSession:
             banks = self._build_banks(adapters) if self.layout is not None else None
             self._adapters = adapters
             self._banks = banks
-        logger.debug("loaded adapter %s from %s", name, label)
+        logger.debug("loaded adapter %s from %s", name, loaded.source)
+
+    def _read_prompt_dir(self, source: Any) -> PromptAdapter | None:
+        """A PEFT prompt-learning adapter dir as a PromptAdapter; None for anything else."""
+        if isinstance(source, Mapping) or not Path(source).is_dir():
+            return None
+        from .config import AdapterConfig
+        from .formats import read_peft_adapter
+        from .methods.base import method_for
+
+        config = AdapterConfig.from_pretrained(source)
+        if not getattr(method_for(config), "is_prompt_learning", False):
+            return None
+        config, tensors = read_peft_adapter(source)
+        dtype = self.prompt_layout.dtype if self.prompt_layout is not None else "float32"
+        return adapter_from_peft(config, tensors, dtype, str(source))
+
+    def _checked_prompt(self, name: str, prompt: PromptAdapter) -> _Loaded:
+        if self.prompt_layout is None:
+            raise IncompatibleAdapterError(
+                f"{prompt.label} is a prompt-learning adapter and {self.model_path.name} takes no prompt inputs; export "
+                "the base with it: onnx-peft export BASE_DIR -o OUT --adapter NAME=ADAPTER_DIR --mode inputs")
+        if self.layout is not None:
+            raise IncompatibleAdapterError(f"{prompt.label}: prompt-learning adapters need a prompt-ready model, "
+                                           "not a MultiAdapter one (rows already mix prompts there)")
+        prompt.check(self.prompt_layout)
+        prompt.values = np.ascontiguousarray(prompt.values.astype(self.prompt_layout.dtype))
+        return _Loaded(name, prompt.label, {}, {}, prompt=prompt)
 
     def unload_adapter(self, name: str, timeout: float | None = None) -> None:
         """Drop adapter ``name``. Waits for runs using it (up to ``timeout`` seconds, None = no
@@ -447,14 +495,17 @@ class AdapterSession:
         return {self.layout.ids_input: ids, **banks.values}
 
     def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, Any],
-            adapter: str | Sequence[str | None] | None = None, run_options: Any = None) -> list[Any]:
+            adapter: str | Sequence[str | None] | None = None, run_options: Any = None,
+            task_ids: Any = None) -> list[Any]:
         """Like ``InferenceSession.run``; ``adapter``: None (base), a name (whole batch), or one
-        name/None per batch row (MultiAdapter models)."""
-        return self._run(output_names, feeds, adapter, run_options)
+        name/None per batch row (MultiAdapter models, and prompt-ready models with prompt-learning
+        adapters). ``task_ids``: one int, or one per row, for multitask prompt adapters."""
+        return self._run(output_names, feeds, adapter, run_options, task_ids=task_ids)
 
     def _run(self, output_names: Sequence[str] | None, feeds: Mapping[str, Any], adapter: Any,
              run_options: Any = None, keep_on_device: Sequence[str] = (),
-             held: tuple[list[_Loaded], _Banks | None] | None = None) -> list[Any]:
+             held: tuple[list[_Loaded], _Banks | None] | None = None, task_ids: Any = None,
+             prompt_feeds: Mapping[str, Any] | None = None) -> list[Any]:
         names = self._names_of(adapter)
         output_names = list(output_names or self.output_names)
         unknown = [o for o in output_names if o not in self.output_names]
@@ -470,7 +521,14 @@ class AdapterSession:
         if clash and names:
             raise RuntimeSessionError(f"feed {clash[0]!r} is an adapter slot; pass either the slot feeds or adapter=, not both")
         with self._using(names) if held is None else nullcontext(held) as (taken, banks):
-            extra = self._adapter_feeds(adapter, feeds, taken, banks)
+            if prompt_feeds is not None:  # generate() lays out prompt inputs itself
+                extra = dict(prompt_feeds)
+            elif any(a.prompt is not None for a in taken):
+                extra = self._prompt_feeds(adapter, feeds, taken, task_ids)
+            else:
+                if task_ids is not None:
+                    raise RuntimeSessionError("task_ids applies to multitask prompt adapters; this run uses none")
+                extra = self._adapter_feeds(adapter, feeds, taken, banks)
             try:
                 if self.device == "cpu":
                     return self._session.run(output_names, {**feeds, **extra}, run_options)
@@ -479,6 +537,43 @@ class AdapterSession:
                 raise
             except Exception as exc:
                 raise RuntimeSessionError(f"ONNX Runtime failed on {self.model_path.name}: {exc}") from exc
+
+    def _prompt_rows(self, adapter: Any, batch: int, taken: list[_Loaded]) -> list[PromptAdapter | None]:
+        """One prompt adapter (or None) per row; refuses runs that mix them with weight adapters."""
+        if any(a.prompt is None for a in taken):
+            raise RuntimeSessionError("one run cannot mix prompt-learning and weight adapters; run them separately")
+        names = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * batch
+        if len(names) != batch:
+            raise RuntimeSessionError(f"adapter list has {len(names)} entries but the batch has {batch} rows")
+        by_name = {a.name: a.prompt for a in taken}
+        return [None if n is None else by_name[n] for n in names]
+
+    def _prompt_feeds(self, adapter: Any, feeds: dict[str, Any], taken: list[_Loaded],
+                      task_ids: Any) -> dict[str, Any]:
+        """Prompt inputs for a run; as PEFT, token types are dropped (zeros) for rows with an
+        adapter unless the model classifies sequences."""
+        layout = self.prompt_layout
+        batch = self._batch_size(feeds)
+        rows = self._prompt_rows(adapter, batch, taken)
+        if layout.prefix_via == "past" and any(r is not None and r.kind == "prefix" for r in rows):
+            raise RuntimeSessionError(f"{self.model_path.name} takes a prefix as its past key/values: run prefix "
+                                      "adapters through AdapterSession.generate()")
+        layout.check_length(rows, int(np.shape(feeds["input_ids"])[1]) if "input_ids" in feeds else 0)
+        if "token_type_ids" in feeds and layout.task != "sequence-classification":
+            types = np.array(feeds["token_type_ids"])
+            types[[r is not None for r in rows]] = 0
+            feeds["token_type_ids"] = types
+        return prompt_inputs(layout, rows, task_list(task_ids, batch), layout.prefix_via == "inputs")
+
+    def _generation_start(self, adapter: Any, batch: int, taken: list[_Loaded], task_ids: Any, tokens: int) -> Any:
+        """Prompt-learning adapters' part of a decode loop (prompt_feeds.GenerationStart), or None."""
+        if not any(a.prompt is not None for a in taken):
+            if task_ids is not None:
+                raise RuntimeSessionError("task_ids applies to multitask prompt adapters; this call uses none")
+            return None
+        rows = self._prompt_rows(adapter, batch, taken)
+        self.prompt_layout.check_length(rows, tokens)
+        return generation_start(self.prompt_layout, rows, task_list(task_ids, batch))
 
     @staticmethod
     def _names_of(adapter: Any) -> list[str]:
@@ -525,11 +620,13 @@ class AdapterSession:
     def generate(self, input_ids: Any, max_new_tokens: int, adapter: str | Sequence[str | None] | None = None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  eos_token_id: int | Sequence[int] | None = None, attention_mask: Any = None,
-                 pad_token_id: int | None = None, seed: int | None = None) -> np.ndarray:
+                 pad_token_id: int | None = None, seed: int | None = None, task_ids: Any = None) -> np.ndarray:
         """Decode with the KV cache of a causal-lm-with-past model; returns ``[batch, prompt + new]``.
 
         ``input_ids [batch, prompt]`` int64, left padded where ``attention_mask`` is 0.
-        ``adapter``: one name for all rows, or one per row (MultiAdapter models). Greedy unless
+        ``adapter``: one name for all rows, or one per row (MultiAdapter models; prompt-ready
+        models with prompt-learning adapters: virtual tokens go in at prefill, a prefix is the
+        initial past, masks and positions as PEFT builds them). ``task_ids``: multitask prompts. Greedy unless
         ``do_sample`` (then temperature / top_k / top_p, numpy RNG seeded by ``seed``). Rows that
         produced ``eos_token_id`` continue with ``pad_token_id`` (default: the first eos id).
         The adapters stay referenced for the whole call, so unloading one waits for it.
@@ -565,15 +662,24 @@ class AdapterSession:
         finished = np.zeros(batch, dtype=bool)
         outputs = ["logits", *present_names]
         with self._using(self._names_of(adapter)) as held:
-            for _ in range(int(max_new_tokens)):
+            start = self._generation_start(adapter, batch, held[0], task_ids, ids.shape[1] + int(max_new_tokens))
+            if start is not None:
+                past.update(start.past)
+            for step in range(int(max_new_tokens)):
                 feeds: dict[str, Any] = {"input_ids": current, **past}
                 if "attention_mask" in self._inputs:
-                    feeds["attention_mask"] = mask
+                    feeds["attention_mask"] = mask if start is None else np.concatenate(
+                        [start.prefix_mask, *([start.prompt_mask] if step else []), mask], axis=1)
                 if "position_ids" in self._inputs:
-                    positions = np.cumsum(mask, axis=1) - 1
-                    positions[mask == 0] = 1
+                    if start is None:
+                        positions = np.cumsum(mask, axis=1) - 1
+                        positions[mask == 0] = 1
+                    else:
+                        positions = start.positions(mask)
                     feeds["position_ids"] = positions[:, -current.shape[1]:]
-                logits, *presents = self._run(outputs, feeds, adapter, keep_on_device=present_names, held=held)
+                prompt = None if start is None else (start.feeds if step == 0 else {})
+                logits, *presents = self._run(outputs, feeds, adapter if start is None else None,
+                                              keep_on_device=present_names, held=held, prompt_feeds=prompt)
                 last = np.asarray(logits[:, -1, :], dtype=np.float32)
                 chosen = _sample(last, rng, temperature, top_k, top_p) if do_sample else last.argmax(-1)
                 chosen = np.where(finished, pad, chosen).astype(np.int64)

@@ -87,7 +87,10 @@ def export_prompt(model_or_dir: Any, output_dir: Path, adapters: Mapping[str, Pa
         raise AdapterConfigError(f"mode 'in-graph' exports one adapter, got {len(found)}; use mode='inputs'")
     spec = prompt_ready_spec(module, task)
     layers = spec.info["prompt"]["prefix_layers"]
-    layout = PromptLayout(hidden=int(module.get_input_embeddings().weight.shape[1]), dtype=np_dtype, task=task)
+    text = module.config.get_text_config() if hasattr(module.config, "get_text_config") else module.config
+    limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None) or 0
+    layout = PromptLayout(hidden=int(module.get_input_embeddings().weight.shape[1]), dtype=np_dtype, task=task,
+                          max_positions=int(limit))
     if task == "causal-lm-with-past" or layers:
         layout.layers, layout.heads, layout.head_dim = prefix_geometry(module)
         layout.prefix_via = "past" if task == "causal-lm-with-past" else "inputs"
