@@ -85,7 +85,7 @@ class PromptLearningModel(nn.Module):
         encoder = method_for(config).tuner().make_encoder(config, embeddings)
         encoder.to(embeddings.weight.device)
         for param in encoder.parameters():
-            param.requires_grad_(not config.inference_mode)
+            param.requires_grad_(param.requires_grad and not config.inference_mode)  # CPT freezes its table
         self.peft_config[adapter_name] = config
         self.prompt_encoder[adapter_name] = encoder
 
