@@ -260,3 +260,45 @@ def generation_start(layout: PromptLayout, rows: Sequence[PromptAdapter | None],
     is_prompt = np.array([r is not None and r.kind == "prompt" for r in rows])
     offsets = prompt_mask.sum(1) + prefix_mask.sum(1)
     return GenerationStart(feeds, prefix, prefix_mask, prompt_mask, offsets.astype(np.int64), is_prompt)
+
+
+def convert_prompt_adapter(adapter: Any, model_path: Any, output_path: Any, dtype: str | None, format: Any,
+                           allow_pickle: bool) -> bool:
+    """convert-adapters for prompt-learning adapters (a PEFT dir, or a file of prompt inputs):
+    write the graph's prompt inputs, checked against ``model_path``'s prompt layout when given.
+    Returns False (nothing written) for any other adapter."""
+    from pathlib import Path
+
+    from .config import CONFIG_NAME, AdapterConfig
+    from .convert import numpy_dtype
+    from .formats import load_adapter_file, read_peft_adapter, save_adapter_file
+    from .methods.base import method_for
+
+    adapter = Path(adapter)
+    if adapter.is_dir() and (adapter / CONFIG_NAME).is_file():
+        config = AdapterConfig.from_pretrained(adapter)
+        if not getattr(method_for(config), "is_prompt_learning", False):
+            return False
+        config, tensors = read_peft_adapter(adapter, allow_pickle=allow_pickle)
+        prompt = adapter_from_peft(config, tensors, "float32", str(adapter))
+    elif adapter.is_file() and adapter.suffix in (".onnx_adapter", ".safetensors", ".npz"):
+        tensors, _ = load_adapter_file(adapter)
+        prompt = adapter_from_tensors(tensors, str(adapter))
+        if prompt is None:
+            return False
+    else:
+        return False
+    layout = None
+    if model_path is not None:
+        from .graph.io import load_model
+
+        layout = PromptLayout.from_metadata(load_model(model_path).metadata_props)
+    target = numpy_dtype(dtype) if dtype is not None else np.dtype(layout.dtype if layout is not None else "float32")
+    prompt.values = prompt.values.astype(target)
+    if model_path is not None:
+        if layout is None:
+            raise IncompatibleAdapterError(f"{adapter} is a prompt-learning adapter and {model_path} takes no prompt "
+                                           "inputs; export the base with it (export --mode inputs)")
+        prompt.check(layout)
+    save_adapter_file(output_path, prompt.tensors(), "", format)
+    return True

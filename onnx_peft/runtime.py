@@ -148,7 +148,7 @@ class AdapterSession:
                 raise ModelFileError(f"{self.model_path}: ONNX Runtime cannot load it ({exc})") from exc
         self.provider = self._session.get_providers()[0]
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
-        logger.info("AdapterSession: %s on %s", self.model_path.name, self.provider)
+        logger.debug("AdapterSession: %s on %s", self.model_path.name, self.provider)
 
         self._inputs: dict[str, _InputSpec] = {}
         for meta, required in [(m, True) for m in self._session.get_inputs()] + [

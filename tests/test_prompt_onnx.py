@@ -183,3 +183,28 @@ def test_bad_prompt_adapters_get_clear_errors(deploy, tmp_path):
     with pytest.raises(RuntimeSessionError, match="generate"):
         past.run(None, {"input_ids": IDS, "attention_mask": MASK, "position_ids": np.tile(np.arange(5), (2, 1)),
                         **feeds}, adapter="pre")
+
+
+def test_inspect_convert_and_infer_speak_prompts(deploy, tmp_path, capsys):
+    from onnx_peft.cli import main
+    from onnx_peft.inspect import inspect_path
+
+    root, dirs = deploy
+    info = inspect_path(root / "causal-lm")
+    assert info["model"]["prompt"]["hidden"] == 32 and info["model"]["prompt"]["prefix_via"] == "inputs"
+    assert info["adapters"]["mpt"]["prompt"] == {"kind": "prompt", "length": 3, "tasks": 2}
+    assert inspect_path(dirs["pre"])["prompt"] == {"kind": "prefix", "num_virtual_tokens": 2, "tasks": 1}
+    out = tmp_path / "pre.safetensors"
+    assert main(["--quiet", "convert-adapters", "--adapter", str(dirs["pre"]), "--model",
+                 str(root / "causal-lm" / "model.onnx"), "-o", str(out)]) == 0
+    session = onnx_peft.AdapterSession(root / "causal-lm" / "model.onnx")
+    session.load_adapter("pre", out)
+    logits, = session.run(["logits"], {"input_ids": IDS, "attention_mask": MASK}, adapter="pre")
+    assert np.abs(logits - _peft_logits(dirs["pre"])).max() <= TOL
+    capsys.readouterr()
+    assert main(["infer", str(root / "causal-lm-with-past" / "model.onnx"), "--adapter", f"m={dirs['mpt']}",
+                 "--input-ids", "5 6 7 8 9", "--input-ids", "10,11,12,13,14", "--max-new-tokens", "4",
+                 "--task-ids", "1,0", "--quiet"]) == 0
+    expected = _greedy(dirs["mpt"], IDS, 4, task_ids=[1, 0])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [f"row {i} [m]: {expected[i, 5:].tolist()}" for i in range(2)]

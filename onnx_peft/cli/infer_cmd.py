@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--use", metavar="NAME[,NAME|-...]",
                         help="adapter for the batch, or one per row; default: the first --adapter, '-' = base")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input-ids", action="append", metavar="1,2,3", help="token ids of one row; repeatable")
+    source.add_argument("--input-ids", action="append", metavar="1,2,3",
+                        help="token ids of one row, separated by commas or spaces; repeatable")
     source.add_argument("--text", action="append", metavar="TEXT", help="prompt of one row (needs --tokenizer)")
     parser.add_argument("--tokenizer", metavar="DIR", help="local transformers tokenizer folder for --text")
     parser.add_argument("--max-new-tokens", type=int, default=20)
@@ -32,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--eos-token-id", type=int, default=None)
+    parser.add_argument("--task-ids", metavar="T[,T...]",
+                        help="task id of a multitask prompt adapter: one for the batch, or one per row")
 
 
 def _tokenizer(directory: str | None):
@@ -53,9 +56,9 @@ def _rows(args: argparse.Namespace, tokenizer) -> tuple[np.ndarray, np.ndarray]:
         rows = [tokenizer(text)["input_ids"] for text in args.text]
     else:
         try:
-            rows = [[int(t) for t in line.replace(" ", "").split(",") if t] for line in args.input_ids]
+            rows = [[int(t) for t in line.replace(",", " ").split()] for line in args.input_ids]
         except ValueError as exc:
-            raise RuntimeSessionError(f"--input-ids takes comma separated integers ({exc})") from exc
+            raise RuntimeSessionError(f"--input-ids takes integers separated by commas or spaces ({exc})") from exc
     if not all(rows):
         raise RuntimeSessionError("every row needs at least one token")
     length = max(len(r) for r in rows)
@@ -65,6 +68,15 @@ def _rows(args: argparse.Namespace, tokenizer) -> tuple[np.ndarray, np.ndarray]:
         ids[i, length - len(row):] = row
         mask[i, length - len(row):] = 1
     return ids, mask
+
+
+def _task_ids(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError as exc:
+        raise RuntimeSessionError(f"--task-ids takes integers separated by commas ({exc})") from exc
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,10 +94,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         chosen = [None if u in ("-", "") else u for u in args.use.split(",")]
         adapter = chosen[0] if len(chosen) == 1 else chosen
+    tasks = _task_ids(args.task_ids)
     if session._decoder_io()[0]:
         out = session.generate(ids, args.max_new_tokens, adapter=adapter, do_sample=args.sample,
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                               eos_token_id=args.eos_token_id, attention_mask=mask, seed=args.seed)
+                               eos_token_id=args.eos_token_id, attention_mask=mask, seed=args.seed,
+                               task_ids=tasks)
         for i, row in enumerate(out):
             new = row[ids.shape[1]:].tolist()
             label = adapter[i] if isinstance(adapter, list) else adapter
@@ -96,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     extra = {"attention_mask": mask, "token_type_ids": np.zeros_like(ids),
              "position_ids": np.maximum(np.cumsum(mask, 1) - 1, 0)}
     feeds.update({k: v for k, v in extra.items() if k in session._inputs})
-    outputs = session.run(None, feeds, adapter=adapter)
+    outputs = session.run(None, feeds, adapter=adapter, task_ids=tasks)
     for name, value in zip(session.output_names, outputs):
         flat = np.asarray(value).reshape(-1)[:6]
         print(f"{name} {list(np.shape(value))}: {np.array2string(flat, precision=5)}")
