@@ -42,17 +42,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import runtime as rt  # noqa: E402  (benchmarks/runtime.py: builder, timing and profiler helpers)
+import runtime as rt  # noqa: E402  (benchmarks/runtime.py: builder, feeds, profiler)
+from common import ROOT, interleaved, log, med, session, versions, write_section  # noqa: E402
 
-ROOT = rt.ROOT
 SECTION = "## Methods: unmerged branch cost (benchmarks/methods.py)"
 QV = ["q_proj", "v_proj"]
-log, med = rt.log, rt.med
 
 
 @dataclass(frozen=True)
@@ -227,7 +225,7 @@ def open_sessions(specs, profile_dir: Path | None = None) -> dict[str, Any]:
     sessions = {}
     for key, (model, name, file) in specs.items():
         prefix = None if profile_dir is None else str(profile_dir / re.sub(r"\W+", "_", key))
-        sess = rt.session(model, profile_prefix=prefix)
+        sess = session(model, profile_prefix=prefix)
         if name is not None:
             sess.load_adapter(name, file)
         sessions[key] = sess
@@ -258,7 +256,7 @@ def timing(paths, info, args, feeds) -> tuple[dict, dict, dict]:
         for key in specs
     }
     log(f"timing: {len(variants)} variants x {args.runs} interleaved runs")
-    times = rt.interleaved(variants, args.runs, args.warmup, args.seed, "methods")
+    times = interleaved(variants, args.runs, args.warmup, args.seed, "methods")
     sessions.clear()
     gc.collect()
     return times, static, checks
@@ -441,7 +439,7 @@ def main() -> int:
     load = ", ".join(f"{x:.1f}" for x in loads)
     machine = (
         f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU; load average (1 min) at start/end: {load}; "
-        f"{rt.versions()}"
+        f"{versions()}"
     )
     print()
     print(text)
@@ -496,8 +494,7 @@ def main() -> int:
         text,
         "",
     ])
-    with mock.patch.object(rt, "SECTION", SECTION):  # runtime.write_section replaces only SECTION's text
-        rt.write_section(section, args.output)
+    write_section(SECTION, section, args.output)
     log(f"wrote {SECTION!r} to {args.output}")
     return 0
 

@@ -39,7 +39,8 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, write_section
+
 SECTION = "## Graph passes (benchmarks/passes.py)"
 OLIVE_PYTHON = ROOT / ".venv-olive" / "bin" / "python"
 OLIVE_SCRIPT = ROOT / "benchmarks" / "_olive_extract.py"
@@ -315,18 +316,6 @@ def row(model: str, label: str, tool: str, r: dict | None, ref: dict | None = No
             f"{r['anon_peak_mb']:.0f} / {r['file_peak_mb']:.0f}", ratio_t, ratio_m)
 
 
-def write_section(text: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    block = text.rstrip() + "\n\n"
-    if pattern.search(current):
-        current = pattern.sub(lambda _: block, current, count=1)
-    else:
-        current = current.rstrip() + "\n\n" + block
-    path.write_text(current.rstrip() + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2-layer small model, 4-layer 7B-shaped slice")
@@ -419,7 +408,7 @@ def main() -> None:
         "Other sessions shared the 2 cores during the run, so times carry noise.",
     ])
     if not args.no_write:
-        write_section(section)
+        write_section(SECTION, section, ROOT / "BENCHMARKS.md")
         print(f"\nwrote {SECTION!r} in BENCHMARKS.md")
 
 

@@ -52,22 +52,20 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import methods  # noqa: E402  (benchmarks/methods.py: base_linear_macs)
-import runtime as rt  # noqa: E402  (benchmarks/runtime.py: builder, timing, profiler, BENCHMARKS.md helpers)
+import runtime as rt  # noqa: E402  (benchmarks/runtime.py: builder, feeds, profiler)
+from common import ROOT, interleaved, log, med, session, versions, write_section  # noqa: E402
 
-ROOT = rt.ROOT
 SECTION = "## QLoRA: 4-bit bases (benchmarks/qlora.py)"
 QUANTS = ("fp32", "nf4", "int4", "int4-acc4")
 OPS = {"fp32": "MatMul", "nf4": "MatMulBnb4", "int4": "MatMulNBits", "int4-acc4": "MatMulNBits"}
 ACC4 = "int4-acc4"  # the int4 models with accuracy_level=4 set on every MatMulNBits (derived, same codes)
 RANKS = {"r8": (8, 16), "r16": (16, 32)}  # adapter name: (r, lora_alpha)
 BLOCK = 64
-log, med = rt.log, rt.med
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,7 +250,7 @@ def open_sessions(paths, specs, profile_dir: Path | None = None) -> dict[str, An
         key = label if profile_dir is not None else model
         if key not in sessions:
             prefix = None if profile_dir is None else str(profile_dir / re.sub(r"\W+", "_", label))
-            sess = rt.session(model, profile_prefix=prefix)
+            sess = session(model, profile_prefix=prefix)
             if model == paths[f"{q}_slots"]:
                 for name in RANKS if profile_dir is None else ([adapter] if adapter else []):
                     sess.load_adapter(name, adapter_file(paths, q, name))
@@ -299,7 +297,7 @@ def timing(sessions, specs, feeds, runs: int, warmup: int, seed: int, label: str
     variants = {
         key: (lambda s=sessions[key], a=specs[key][2]: s.run(["logits"], feeds, adapter=a)) for key in specs
     }
-    return rt.interleaved(variants, runs, warmup, seed, label)
+    return interleaved(variants, runs, warmup, seed, label)
 
 
 def node_kernels(path: str, skip_runs: int) -> dict[str, tuple[str, float]]:
@@ -537,7 +535,7 @@ def main() -> int:
     text, _ = report(args, static, times, prof, found, specs)
     load = ", ".join(f"{x:.1f}" for x in loads)
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU; load average (1 min) at start/after timing/end: {load}; "
-               f"{rt.versions()}")
+               f"{versions()}")
     print()
     print(text)
     print(f"\nMachine: {machine}. Took {seconds / 60:.1f} min ({(time.perf_counter() - prepared) / 60:.1f} min "
@@ -587,8 +585,7 @@ def main() -> int:
         text,
         "",
     ])
-    with mock.patch.object(rt, "SECTION", SECTION):  # runtime.write_section replaces only SECTION's text
-        rt.write_section(section, args.output)
+    write_section(SECTION, section, args.output)
     log(f"wrote {SECTION!r} to {args.output}")
     return 0
 

@@ -41,16 +41,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import ROOT, interleaved, log, med, session, versions, write_section
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 SECTION = "## Runtime (benchmarks/runtime.py)"
 RANK, ALPHA, N_ADAPTERS = 16, 32, 16
 TASKS = {"": "causal-lm", "past_": "causal-lm-with-past"}
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,41 +152,6 @@ def adapter_files(paths: dict[str, Path], key: str) -> dict[str, Path]:
 # --------------------------------------------------------------------------------------------
 # Timing: one interleaved run per question
 # --------------------------------------------------------------------------------------------
-
-
-def interleaved(
-    variants: dict, runs: int, warmup: int, seed: int, label: str
-) -> dict[str, list[float]]:
-    """Call each variant ``warmup`` times, then ``runs`` rounds, each round in a random order."""
-    rng = np.random.default_rng(seed)
-    for fn in variants.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    started = time.perf_counter()
-    for i in range(runs):
-        for key in rng.permutation(list(variants)):
-            t0 = time.perf_counter()
-            variants[key]()
-            times[key].append(time.perf_counter() - t0)
-        if time.perf_counter() - started > 60 and i % 10 == 9:
-            log(f"  {label}: {i + 1}/{runs} rounds")
-    return times
-
-
-def session(path: Path, profile_prefix: str | None = None, threads: int = 0):
-    import onnxruntime as ort
-
-    from onnx_peft.runtime import AdapterSession
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    if profile_prefix:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
-    return AdapterSession(path, providers=["CPUExecutionProvider"], session_options=options)
 
 
 def llm_feeds(batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -455,32 +415,6 @@ def profile(paths, args) -> dict[str, dict]:
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
-
-
-def versions() -> str:
-    import onnxruntime
-
-    return f"onnxruntime {onnxruntime.__version__}, numpy {np.__version__}, Python {platform.python_version()}"
-
-
-def write_section(text: str, path: Path) -> None:
-    """Replace only this script's section of BENCHMARKS.md (other scripts own the others)."""
-    old = (
-        path.read_text()
-        if path.exists()
-        else "# Benchmarks\n\nEach section is written by the script it names.\n"
-    )
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = (
-        pattern.sub(lambda _: text.rstrip("\n") + "\n\n", old)
-        if pattern.search(old)
-        else old.rstrip("\n") + "\n\n" + text
-    )
-    path.write_text(new.rstrip("\n") + "\n")
-
-
-def med(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 def report(args, single, multi, gen, prof, checks, loads, seconds) -> tuple[str, str]:
@@ -755,7 +689,7 @@ def main() -> int:
             "",
         ]
     )
-    write_section(section, args.output)
+    write_section(SECTION, section, args.output)
     log(f"wrote {SECTION!r} to {args.output}")
     return 0
 

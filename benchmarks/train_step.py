@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import random
-import re
 import resource
 import statistics
 import subprocess
@@ -32,8 +31,8 @@ import time
 from pathlib import Path
 
 import torch
+from common import ROOT, write_section
 
-ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Training step (benchmarks/train_step.py)"
 SIDES = ("ours", "peft")
 
@@ -154,13 +153,6 @@ def versions() -> str:
     return f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
 
 
-def write_section(text: str, path: Path) -> None:
-    old = path.read_text() if path.exists() else "# Benchmarks\n\nEach section is written by the script it names.\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="measured steps per side (default 10)")
@@ -230,7 +222,7 @@ def main() -> int:
     print()
     print(section)
     if not args.no_write:
-        write_section(section, Path(args.output))
+        write_section(SECTION, section, Path(args.output))
         print(f"updated {args.output}")
     return 0
 

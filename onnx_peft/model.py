@@ -398,6 +398,9 @@ class PeftModel(nn.Module):
                 config.base_model_name_or_path = getattr(model_config, "_name_or_path", None) or None
             tensors = {**self.adapter_state_dict(name), **self._embedding_tensors(name, save_embedding_layers)}
             save_adapter_dir(target, config, tensors)
+            tuner = method_for(config).tuner()
+            if hasattr(tuner, "save_extra"):  # folders a method keeps next to its adapter (X-LoRA's experts)
+                tuner.save_extra(self, name, target)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
@@ -416,6 +419,9 @@ class PeftModel(nn.Module):
             return PromptLearningModel.from_pretrained(model, model_id, adapter_name, is_trainable, config,
                                                        allow_pickle)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
+        tuner = method_for(config).tuner()
+        if hasattr(tuner, "config_for_load"):  # X-LoRA: where its experts are (adapters=, or saved copies)
+            config = tuner.config_for_load(config, model_id, **kwargs)
         peft_model = cls(model, config, adapter_name)
         try:
             peft_model._load_weights(model_id, adapter_name, allow_pickle)

@@ -208,3 +208,41 @@ def test_inspect_convert_and_infer_speak_prompts(deploy, tmp_path, capsys):
     expected = _greedy(dirs["mpt"], IDS, 4, task_ids=[1, 0])
     printed = capsys.readouterr().out.splitlines()
     assert printed == [f"row {i} [m]: {expected[i, 5:].tolist()}" for i in range(2)]
+
+
+def test_feature_extraction_on_bert_takes_prompts_and_prefixes(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    def bert():
+        torch.manual_seed(0)
+        return BertModel(BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4)).eval()
+
+    bert().save_pretrained(tmp_path / "bert")
+    dirs = {}
+    for seed, name in enumerate(("PromptTuningConfig", "PrefixTuningConfig")):
+        torch.manual_seed(seed)
+        model = peft.get_peft_model(bert(), getattr(peft, name)(task_type="FEATURE_EXTRACTION", num_virtual_tokens=3))
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.add_(torch.randn_like(param))
+        dirs[name] = tmp_path / name
+        model.save_pretrained(dirs[name])
+    path = onnx_peft.export(tmp_path / "bert", tmp_path / "deploy", adapters=dirs, task="feature-extraction",
+                            mode="inputs", quiet=True)
+    session = onnx_peft.AdapterSession(path)
+    mask = MASK.copy()
+    mask[1, 4] = 0
+    feeds = {"input_ids": IDS, "attention_mask": mask, "token_type_ids": np.ones_like(IDS)}
+    for name, directory in dirs.items():
+        session.load_adapter(name, directory)
+        with torch.no_grad():  # PEFT drops token types under prompt learning (zeros)
+            expected = peft.PeftModel.from_pretrained(bert(), directory).eval()(
+                input_ids=torch.tensor(IDS), attention_mask=torch.tensor(mask)).last_hidden_state[:, -5:].numpy()
+        hidden, = session.run(None, feeds, adapter=name)
+        assert np.abs(hidden - expected)[mask == 1].max() <= TOL
+    mixed, = session.run(None, feeds, adapter=list(dirs))
+    for i, name in enumerate(dirs):
+        single, = session.run(None, {k: v[i:i + 1] for k, v in feeds.items()}, adapter=name)
+        assert np.abs(mixed[i] - single[0])[mask[i] == 1].max() <= TOL

@@ -27,6 +27,7 @@ from .adapters import (
     slot_model,
     transformers_model,
 )
+from .adaption_inputs import export_adaption_inputs, uses_adaption_prompt
 from .exporter import _io_info, run_exporter, weight_bytes
 from .heads import (
     _base_heads,
@@ -140,9 +141,14 @@ def export(model_or_dir: Any, output_dir: str | os.PathLike, adapters: AdapterSp
     named = normalize_adapters(adapters)
     inputs = list(named.values()) + ([model_or_dir] if isinstance(model_or_dir, (str, os.PathLike)) else [])
     _check_output_dir(output_dir, inputs)
+    _check_mode_fits_methods(model_or_dir, named, mode)
     if is_prompt_model(model_or_dir) or (named and prompt_adapter_dirs(named)):
         return _export_prompt(model_or_dir, output_dir, named, task, mode, dtype, opset, quiet, external_data,
                               quantize, started)
+    if mode in ("inputs", "external") and uses_adaption_prompt(model_or_dir, named):  # Llama-Adapter slots
+        load = lambda model, task: _prepare(model, task, "in-graph", dtype, {})  # noqa: E731
+        return export_adaption_inputs(model_or_dir, output_dir, named, task, mode, dtype, opset, external_data,
+                                      quantize, load)[1]
     inserted = mode in ("inputs", "external") and bool(named) and needs_insert(named)
     if inserted and mode == "external":
         raise AdapterConfigError("mode 'external' serves LoRA adapters only; export these adapters "
@@ -246,3 +252,20 @@ def _export_prompt(model_or_dir: Any, output_dir: Path, named: dict[str, Path], 
         log.info("exported %s (%s, %s, prompt inputs) to %s in %.1f s", info["architecture"], info["task"], mode,
                  path, time.perf_counter() - started)
     return path
+
+
+def _check_mode_fits_methods(model_or_dir: Any, named: dict[str, Path], mode: str) -> None:
+    """Refuse a mode an adapter's method cannot take (X-LoRA: in-graph only) before tracing."""
+    from ..config import AdapterConfig
+    from ..methods.base import method_for
+
+    configs = [AdapterConfig.from_pretrained(path) for path in named.values()]
+    configs += list(getattr(model_or_dir, "peft_config", {}).values()) if not named else []
+    for config in configs:
+        if not isinstance(config, AdapterConfig):
+            continue  # Hugging Face PEFT's configs: their own method checks apply
+        method = method_for(config)
+        if mode not in method.graph_modes:
+            reason = method.no_merge_message() if hasattr(method, "no_merge_message") else ""
+            raise AdapterConfigError(f"mode {mode!r} cannot hold a {config.peft_type} adapter; use "
+                                     f"{' or '.join(repr(m) for m in method.graph_modes)}. {reason}".strip())

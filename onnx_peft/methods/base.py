@@ -70,6 +70,9 @@ class Method(abc.ABC):
     layer_attrs: ClassVar[tuple[str, ...]] = ()
     # True when merging changes the layer's bias too (IA3 scaling the output).
     changes_bias: ClassVar[bool] = False
+    # The export modes that can hold this method (X-LoRA routes experts from the model's own
+    # hidden states: only "in-graph"); the others are refused before anything is traced.
+    graph_modes: ClassVar[tuple[str, ...]] = ("merged", "in-graph", "inputs", "external")
 
     @property
     def name(self) -> str:
