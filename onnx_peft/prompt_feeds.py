@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -79,6 +79,26 @@ class PromptAdapter:
     kind: str
     values: np.ndarray
     label: str = "adapter"
+    # heads trained in full (SEQ_CLS): {"classifier.weight": array}; from a PEFT dir the weight
+    # is [out, in] until :meth:`fit_heads` lays it out as the model's full-weight slot
+    heads: dict[str, np.ndarray] = field(default_factory=dict)
+    heads_laid_out: bool = True
+
+    def fit_heads(self, contract: Any) -> None:
+        """Lay the heads out as ``contract``'s full-weight slots (transposed where "in_out")."""
+        if self.heads_laid_out or not self.heads:
+            self.heads_laid_out = True
+            return
+        slots = contract.slot_map() if contract is not None else {}
+        for name, array in list(self.heads.items()):
+            slot = slots.get(name)
+            if slot is None:
+                raise IncompatibleAdapterError(
+                    f"{self.label}: trains {name.rsplit('.', 1)[0]!r} in full but the model has no slot for it; "
+                    "export the model with this adapter (export --mode inputs)")
+            if slot.layout == "in_out" and array.ndim == 2:
+                self.heads[name] = np.ascontiguousarray(array.T)
+        self.heads_laid_out = True
 
     @property
     def length(self) -> int:
@@ -93,9 +113,10 @@ class PromptAdapter:
         included, so ONNX Runtime's own LoraAdapter can feed a file as it is."""
         ones = np.ones((self.values.shape[0] if self.kind == "prompt" else 1, self.length), dtype=np.int64)
         if self.kind == "prompt":
-            return {PROMPT_EMBEDS: self.values, PROMPT_MASK: ones}
+            return {PROMPT_EMBEDS: self.values, PROMPT_MASK: ones, **self.heads}
         layers = self.values.shape[0] // 2
-        return {**{name: self.values[i][None] for i, name in enumerate(prefix_names(layers))}, PREFIX_MASK: ones}
+        return {**{name: self.values[i][None] for i, name in enumerate(prefix_names(layers))}, PREFIX_MASK: ones,
+                **self.heads}
 
     def check(self, layout: PromptLayout) -> None:
         """Refuse an adapter made for another model, naming the mismatch in model terms."""
@@ -128,23 +149,25 @@ class PromptAdapter:
 
 def adapter_from_tensors(tensors: Mapping[str, np.ndarray], label: str) -> PromptAdapter | None:
     """A prompt adapter if ``tensors`` hold graph prompt inputs (files), else None."""
+    heads = {k: np.asarray(v) for k, v in tensors.items() if k.endswith((".weight", ".bias"))}
     if PROMPT_EMBEDS in tensors:
-        extra = sorted(set(tensors) - {PROMPT_EMBEDS, PROMPT_MASK})
+        extra = sorted(set(tensors) - {PROMPT_EMBEDS, PROMPT_MASK} - set(heads))
         values = np.asarray(tensors[PROMPT_EMBEDS])
         if extra or values.ndim != 3:
-            raise IncompatibleAdapterError(f"{label}: a prompt adapter holds prompt_embeds [tasks, p, hidden] only; "
-                                           f"got {list(values.shape)} and {extra}")
-        return PromptAdapter("prompt", values, label)
+            raise IncompatibleAdapterError(f"{label}: a prompt adapter holds prompt_embeds [tasks, p, hidden] (and "
+                                           f"trained heads) only; got {list(values.shape)} and {extra}")
+        return PromptAdapter("prompt", values, label, heads)
     keys = [k for k in tensors if k.startswith("prefix.")]
     if not keys:
         return None
     layers = len(keys) // 2
-    if sorted(keys) != sorted(prefix_names(layers)) or len(tensors) != len(keys) + (PREFIX_MASK in tensors):
+    if sorted(keys) != sorted(prefix_names(layers)) or \
+            len(tensors) != len(keys) + (PREFIX_MASK in tensors) + len(heads):
         raise IncompatibleAdapterError(f"{label}: a prefix adapter holds prefix.N.key/value for N = 0..layers-1 only")
     parts = [np.asarray(tensors[name]) for name in prefix_names(layers)]
     if any(p.ndim != 4 or p.shape[0] != 1 or p.shape != parts[0].shape for p in parts):
         raise IncompatibleAdapterError(f"{label}: prefix tensors must all be [1, kv_heads, q, head_dim]")
-    return PromptAdapter("prefix", np.concatenate(parts, axis=0), label)
+    return PromptAdapter("prefix", np.concatenate(parts, axis=0), label, heads)
 
 
 def adapter_from_peft(config: Any, tensors: Mapping[str, np.ndarray], dtype: str, label: str) -> PromptAdapter:
@@ -153,7 +176,11 @@ def adapter_from_peft(config: Any, tensors: Mapping[str, np.ndarray], dtype: str
     from .methods.prompt_learning import prefix_pairs
 
     method = method_for(config)
-    shared = method.group(tensors, source=label).shared
+    saved = list(config.modules_to_save or ())
+    grouped = method.group(tensors, source=label, saved_modules=saved)
+    shared = grouped.shared
+    heads = {f"{module}.{part}": np.ascontiguousarray(np.asarray(value, dtype=dtype))
+             for module, parts in grouped.full.items() for part, value in parts.items()}
     if method.kind == "prefix":
         flat = method.virtual_tokens(config, shared, source=label)
         pairs = prefix_pairs(config, flat)
@@ -161,7 +188,7 @@ def adapter_from_peft(config: Any, tensors: Mapping[str, np.ndarray], dtype: str
     else:
         values = np.stack([method.virtual_tokens(config, shared, task=t if method.tasks(config) > 1 else None,
                                                  source=label) for t in range(method.tasks(config))])
-    return PromptAdapter(method.kind, np.ascontiguousarray(values.astype(dtype)), label)
+    return PromptAdapter(method.kind, np.ascontiguousarray(values.astype(dtype)), label, heads, not heads)
 
 
 def _left_pad(rows: Sequence[np.ndarray | None], length: int, axis: int, template: tuple[int, ...],

@@ -29,11 +29,12 @@ from torch import nn
 
 from .checkpoint import load_adapter_weights, save_adapter_dir
 from .config import AdapterConfig
-from .errors import AdapterConfigError, IncompatibleAdapterError, OnnxPeftError
+from .errors import AdapterConfigError, CheckpointError, IncompatibleAdapterError, OnnxPeftError
 from .methods.base import method_for
 from .methods.prompt_learning import PromptLearningConfig, prefix_pairs  # noqa: F401  (prefix_pairs: numpy twin)
 
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "FEATURE_EXTRACTION", None)
+CLASSIFIER_HEADS = ["classifier", "score"]  # PEFT trains these in full for SEQ_CLS (modules_to_save)
 
 
 class PromptLearningModel(nn.Module):
@@ -88,16 +89,46 @@ class PromptLearningModel(nn.Module):
             param.requires_grad_(param.requires_grad and not config.inference_mode)  # CPT freezes its table
         self.peft_config[adapter_name] = config
         self.prompt_encoder[adapter_name] = encoder
+        self._add_saved_modules(adapter_name, config)
+
+    def _add_saved_modules(self, adapter_name: str, config: PromptLearningConfig) -> None:
+        """PEFT's sequence classification trains the head in full: a copy per adapter
+        (``ModulesToSaveWrapper``), saved as ``base_model.<head>.weight``."""
+        from .tuners.base import ModulesToSaveWrapper
+
+        if config.task_type == "SEQ_CLS":
+            config.modules_to_save = list(dict.fromkeys([*(config.modules_to_save or []), *CLASSIFIER_HEADS]))
+        for key, module in list(self.base_model.named_modules()):
+            if not key or not any(key == m or key.endswith("." + m) for m in config.modules_to_save or ()):
+                continue
+            if isinstance(module, ModulesToSaveWrapper) or ".modules_to_save." in key or ".original_module" in key:
+                continue
+            parent_name, _, child = key.rpartition(".")
+            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+            setattr(parent, child, ModulesToSaveWrapper(module))
+        for wrapper in self._saved_wrappers().values():
+            if config.modules_to_save and any(wrapper is w for w in self._saved_wrappers().values()):
+                wrapper.add(adapter_name)
+                wrapper.set_adapter(self.active_adapter, trainable=not config.inference_mode)
+
+    def _saved_wrappers(self) -> dict[str, nn.Module]:
+        from .tuners.base import ModulesToSaveWrapper
+
+        return {k: m for k, m in self.base_model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
 
     def set_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise OnnxPeftError(f"unknown adapter {adapter_name!r}; loaded: {sorted(self.peft_config)}")
         self.active_adapter = adapter_name
+        for wrapper in self._saved_wrappers().values():
+            wrapper.set_adapter(adapter_name, trainable=not self.peft_config[adapter_name].inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise OnnxPeftError(f"unknown adapter {adapter_name!r}; loaded: {sorted(self.peft_config)}")
         del self.peft_config[adapter_name], self.prompt_encoder[adapter_name]
+        for wrapper in self._saved_wrappers().values():
+            wrapper.delete_adapter(adapter_name)
         if self.active_adapter == adapter_name:
             self.active_adapter = next(iter(self.peft_config), "")
 
@@ -105,10 +136,15 @@ class PromptLearningModel(nn.Module):
     def disable_adapter(self) -> Iterator[None]:
         """Run the plain base model inside the block (PEFT's verb)."""
         self._disabled = True
+        wrappers = self._saved_wrappers().values()
+        for wrapper in wrappers:
+            wrapper.disable_adapters = True
         try:
             yield
         finally:
             self._disabled = False
+            for wrapper in wrappers:
+                wrapper.disable_adapters = False
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
@@ -248,8 +284,14 @@ class PromptLearningModel(nn.Module):
 
     # -- checkpoints -----------------------------------------------------------------------------
     def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """PEFT's keys: ``prompt_embeddings`` (the encoder's output when training through one)."""
-        return self.prompt_encoder[adapter_name].to_save(self.peft_config[adapter_name].inference_mode)
+        """PEFT's keys: ``prompt_embeddings`` (the encoder's output when training through one), and
+        ``base_model.<head>.weight`` for heads trained in full."""
+        tensors = dict(self.prompt_encoder[adapter_name].to_save(self.peft_config[adapter_name].inference_mode))
+        for path, wrapper in self._saved_wrappers().items():
+            if adapter_name in wrapper.modules_to_save:
+                for name, value in wrapper.modules_to_save[adapter_name].state_dict().items():
+                    tensors[f"base_model.{path}.{name}"] = value.detach()
+        return tensors
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
                         **kwargs: Any) -> None:
@@ -287,8 +329,21 @@ class PromptLearningModel(nn.Module):
     def _load_weights(self, model_id: str | os.PathLike, adapter_name: str, allow_pickle: bool) -> None:
         config = self.peft_config[adapter_name]
         arrays = load_adapter_weights(model_id, allow_pickle=allow_pickle)
-        method_for(config).group(arrays, source=str(model_id))  # stray / missing keys, named
-        self.prompt_encoder[adapter_name].load({k: torch.from_numpy(v.astype("float32")) for k, v in arrays.items()})
+        grouped = method_for(config).group(arrays, source=str(model_id), saved_modules=config.modules_to_save or ())
+        self.prompt_encoder[adapter_name].load({k: torch.from_numpy(v.astype("float32"))
+                                                for k, v in grouped.shared.items()})
+        wrappers = self._saved_wrappers()
+        for path, parts in grouped.full.items():
+            copy_ = wrappers.get(path)
+            if copy_ is None or adapter_name not in copy_.modules_to_save:
+                raise CheckpointError(f"{model_id}: holds a trained {path!r} but the model has no such head to train")
+            state = copy_.modules_to_save[adapter_name].state_dict()
+            for part, value in parts.items():
+                if tuple(state[part].shape) != tuple(value.shape):
+                    raise CheckpointError(f"{model_id}: {path}.{part} has shape {list(value.shape)}, the model's is "
+                                          f"{list(state[part].shape)}; load the model with the adapter's num_labels")
+            copy_.modules_to_save[adapter_name].load_state_dict(
+                {k: torch.from_numpy(v.astype("float32")) for k, v in parts.items()}, strict=False)
 
 
 def _check_fits(config: PromptLearningConfig, model: nn.Module) -> None:

@@ -267,7 +267,12 @@ class AdapterSession:
                                            "not a MultiAdapter one (rows already mix prompts there)")
         prompt.check(self.prompt_layout)
         prompt.values = np.ascontiguousarray(prompt.values.astype(self.prompt_layout.dtype))
-        return _Loaded(name, prompt.label, {}, {}, prompt=prompt)
+        prompt.fit_heads(self.contract)
+        if prompt.heads:  # heads trained in full (SEQ_CLS) feed the model's full-weight slots
+            check_adapter(self.contract, {k: (v.shape, v.dtype.name) for k, v in prompt.heads.items()},
+                          source=prompt.label)
+        values = {k: self._to_device(np.ascontiguousarray(v)) for k, v in prompt.heads.items()}
+        return _Loaded(name, prompt.label, dict(prompt.heads), values, prompt=prompt)
 
     def unload_adapter(self, name: str, timeout: float | None = None) -> None:
         """Drop adapter ``name``. Waits for runs using it (up to ``timeout`` seconds, None = no
@@ -563,7 +568,18 @@ class AdapterSession:
             types = np.array(feeds["token_type_ids"])
             types[[r is not None for r in rows]] = 0
             feeds["token_type_ids"] = types
-        return prompt_inputs(layout, rows, task_list(task_ids, batch), layout.prefix_via == "inputs")
+        heads = self._head_values(rows, taken)
+        return {**prompt_inputs(layout, rows, task_list(task_ids, batch), layout.prefix_via == "inputs"), **heads}
+
+    def _head_values(self, rows: list[PromptAdapter | None], taken: list[_Loaded]) -> dict[str, Any]:
+        """The full-weight slot feeds of the rows' adapters; heads are per run, not per row."""
+        with_heads = [a for a in taken if a.prompt is not None and a.prompt.heads]
+        if not with_heads:
+            return {}
+        if len({id(r) for r in rows}) > 1:
+            raise RuntimeSessionError(f"{with_heads[0].name} trains its own head, which a row cannot swap; run "
+                                      "rows of different adapters separately")
+        return dict(with_heads[0].values)
 
     def _generation_start(self, adapter: Any, batch: int, taken: list[_Loaded], task_ids: Any, tokens: int) -> Any:
         """Prompt-learning adapters' part of a decode loop (prompt_feeds.GenerationStart), or None."""
@@ -573,6 +589,8 @@ class AdapterSession:
             return None
         rows = self._prompt_rows(adapter, batch, taken)
         self.prompt_layout.check_length(rows, tokens)
+        if self._head_values(rows, taken):
+            raise RuntimeSessionError("adapters with trained heads classify; generate() decodes with the LM head")
         return generation_start(self.prompt_layout, rows, task_list(task_ids, batch))
 
     @staticmethod

@@ -175,3 +175,40 @@ def test_bad_configs_and_checkpoints_name_the_field(tmp_path):
                                          num_attention_heads=4, num_key_value_heads=2))
     with pytest.raises(OnnxPeftError, match="token_dim=32 but the model's hidden size is 16"):
         onnx_peft.PeftModel.from_pretrained(other, tmp_path / "p")
+
+
+def _bert_cls():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=2, num_attention_heads=4, num_labels=3)).eval()
+
+
+def test_sequence_classification_trains_the_head_as_peft(tmp_path):
+    """SEQ_CLS: the classifier is trained in full next to the prompt (PEFT's modules_to_save),
+    saved as ``base_model.classifier.*``; both ways, same logits; training moves both."""
+    for name, kwargs in (("PromptTuningConfig", {}), ("PromptEncoderConfig", {"encoder_hidden_size": 16})):
+        torch.manual_seed(1)
+        theirs = peft.get_peft_model(_bert_cls(), getattr(peft, name)(task_type="SEQ_CLS", num_virtual_tokens=3,
+                                                                      **kwargs))
+        with torch.no_grad():
+            for _, param in sorted(theirs.named_parameters()):
+                if param.requires_grad:
+                    param.add_(0.3 * torch.randn_like(param))
+        theirs.eval().save_pretrained(tmp_path / name)
+        expected = theirs(input_ids=IDS, attention_mask=MASK).logits
+        ours = onnx_peft.PeftModel.from_pretrained(_bert_cls(), tmp_path / name)
+        assert (ours(input_ids=IDS, attention_mask=MASK).logits - expected).abs().max() <= TOL
+        ours.save_pretrained(tmp_path / f"{name}-ours")
+        assert saved_keys(tmp_path / f"{name}-ours") == saved_keys(tmp_path / name)
+        back = peft.PeftModel.from_pretrained(_bert_cls(), tmp_path / f"{name}-ours")
+        assert (back(input_ids=IDS, attention_mask=MASK).logits - expected).abs().max() <= TOL
+    fresh = onnx_peft.get_peft_model(_bert_cls(), onnx_peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
+    trainable = {n for n, p in fresh.named_parameters() if p.requires_grad}
+    assert trainable == {"prompt_encoder.default.embedding.weight",
+                         "base_model.classifier.modules_to_save.default.weight",
+                         "base_model.classifier.modules_to_save.default.bias"}
+    with fresh.disable_adapter():
+        base = fresh(input_ids=IDS, attention_mask=MASK).logits
+    assert (base - _bert_cls()(input_ids=IDS, attention_mask=MASK).logits).abs().max() <= TOL

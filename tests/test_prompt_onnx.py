@@ -246,3 +246,55 @@ def test_feature_extraction_on_bert_takes_prompts_and_prefixes(tmp_path):
     for i, name in enumerate(dirs):
         single, = session.run(None, {k: v[i:i + 1] for k, v in feeds.items()}, adapter=name)
         assert np.abs(mixed[i] - single[0])[mask[i] == 1].max() <= TOL
+
+
+def test_sequence_classification_swaps_prompt_and_head(tmp_path):
+    """SEQ_CLS prompt adapters train the head too: the graph gets full-weight head slots (the
+    base head by default) beside the prompt inputs; PEFT folders, files and the model's own."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    def bert():
+        torch.manual_seed(0)
+        return BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                        num_hidden_layers=2, num_attention_heads=4,
+                                                        num_labels=3)).eval()
+
+    bert().save_pretrained(tmp_path / "bert")
+    dirs = {}
+    for seed, name in enumerate(("PromptTuningConfig", "PromptEncoderConfig")):
+        torch.manual_seed(seed)
+        extra = {"encoder_hidden_size": 16} if name == "PromptEncoderConfig" else {}
+        model = peft.get_peft_model(bert(), getattr(peft, name)(task_type="SEQ_CLS", num_virtual_tokens=3 + seed,
+                                                                **extra))
+        with torch.no_grad():
+            for _, param in sorted(model.named_parameters()):
+                if param.requires_grad:
+                    param.add_(0.3 * torch.randn_like(param))
+        dirs[name] = tmp_path / name
+        model.save_pretrained(dirs[name])
+    path = onnx_peft.export(tmp_path / "bert", tmp_path / "deploy", adapters=dirs, task="sequence-classification",
+                            mode="inputs", quiet=True)
+    session = onnx_peft.AdapterSession(path)
+    feeds = {"input_ids": IDS, "attention_mask": MASK, "token_type_ids": np.zeros_like(IDS)}
+    for name, directory in dirs.items():
+        with torch.no_grad():
+            expected = peft.PeftModel.from_pretrained(bert(), directory).eval()(
+                input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+        session.load_adapter(name, directory)
+        session.load_adapter(f"{name}-file", path.parent / "adapters" / f"{name}.onnx_adapter")
+        for adapter in (name, f"{name}-file"):
+            logits, = session.run(None, feeds, adapter=adapter)
+            assert np.abs(logits - expected).max() <= TOL
+    with torch.no_grad():
+        base = bert()(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+    assert np.abs(session.run(None, feeds)[0] - base).max() <= TOL
+    with pytest.raises(RuntimeSessionError, match="trains its own head"):
+        session.run(None, feeds, adapter=list(dirs))
+    own = onnx_peft.PeftModel.from_pretrained(bert(), dirs["PromptTuningConfig"])
+    exported = onnx_peft.export(own, tmp_path / "own", task="sequence-classification", mode="inputs", quiet=True)
+    own_session = onnx_peft.AdapterSession(exported)
+    own_session.load_adapter("own", exported.parent / "adapters" / "default.onnx_adapter")
+    with torch.no_grad():
+        expected = own(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+    assert np.abs(own_session.run(None, feeds, adapter="own")[0] - expected).max() <= TOL
+    assert np.abs(own_session.run(None, feeds)[0] - base).max() <= TOL

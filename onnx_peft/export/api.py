@@ -244,6 +244,8 @@ def _export_prompt(model_or_dir: Any, output_dir: Path, named: dict[str, Path], 
         raise AdapterConfigError("quantize= applies to weight adapters (QLoRA); prompt-learning exports stay float")
 
     def load(model: Any, task: str) -> tuple[Any, str, str | None]:
+        if isinstance(model, (str, os.PathLike)) and named:  # the head size the adapters trained
+            model, task = load_model_dir(model, task, num_labels=adapter_num_labels(named))
         module, _, task, source = _prepare(model, task, "in-graph", dtype, {})
         return module, task, source
 

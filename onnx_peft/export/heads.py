@@ -160,7 +160,8 @@ def _labels_of(path: Path) -> int | None:
     with safe_open(str(weights), framework="np") as handle:
         keys = set(handle.keys())
         for head in _SEQ_CLS_HEADS:
-            for key in (f"base_model.model.{head}.weight", f"base_model.model.{head}.out_proj.weight"):
+            for key in (f"base_model.model.{head}.weight", f"base_model.model.{head}.out_proj.weight",
+                        f"base_model.{head}.weight"):  # the last: prompt-learning checkpoints
                 if key in keys:
                     return int(handle.get_slice(key).get_shape()[0])
     return None

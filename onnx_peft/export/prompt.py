@@ -10,11 +10,12 @@ same graph (export/prompt_spec.py) and differs only in where the adapter goes:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import numpy as np
 from ..errors import AdapterConfigError, OnnxPeftError
 from ..prompt_feeds import PROMPT_KEY, PromptAdapter, PromptLayout, adapter_from_peft, prefix_names
 from .exporter import _io_info, run_exporter, weight_bytes
+from .heads import _base_heads, saved_heads
 from .output import ADAPTER_DIR, EXTERNAL_DATA_BYTES, INFO_FILE, MODEL_FILE, _install
 from .prompt_spec import PREFIX_MASK, PROMPT_INPUTS, prefix_geometry, prompt_ready_spec
 
@@ -107,12 +109,16 @@ def export_prompt(model_or_dir: Any, output_dir: Path, adapters: Mapping[str, Pa
             external_data = weight_bytes(module) > EXTERNAL_DATA_BYTES
         training = module.training
         module.eval()
+        baked = next(iter(found.values())) if mode == "in-graph" else None
+        heads = saved_heads(module) if mode == "inputs" else {}  # trace the base head; trained ones go in files
         try:
-            exporter = run_exporter(module, spec, model_path, opset, external_data)
+            with _base_heads(module, heads), _trained_heads(module, baked):
+                exporter = run_exporter(module, spec, model_path, opset, external_data)
         finally:
             module.train(training)
-        baked = next(iter(found.values())) if mode == "in-graph" else None
         _finish_graph(model_path, layout, baked)
+        if mode == "inputs" and any(a.heads for a in found.values()):
+            _head_slots_for(model_path, found)
         written = {}
         if mode == "inputs":
             from ..formats import save_adapter_file
@@ -150,7 +156,7 @@ def _finish_graph(model_path: Path, layout: PromptLayout, baked: PromptAdapter |
         defaults.update({n: np.zeros((1, layout.heads, 0, layout.head_dim), dtype) for n in prefix_names(layout.layers)})
         defaults[PREFIX_MASK] = np.zeros((1, 0), np.int64)
     if baked is not None:
-        tensors = baked.tensors()
+        tensors = {k: v for k, v in baked.tensors().items() if k not in baked.heads}
         if baked.tasks > 1:
             raise AdapterConfigError(f"{baked.label}: a multitask prompt ({baked.tasks} tasks) cannot be baked in; "
                                      "use mode='inputs' and pass task_ids at run time")
@@ -170,3 +176,44 @@ def _finish_graph(model_path: Path, layout: PromptLayout, baked: PromptAdapter |
     for written in staging.iterdir():
         os.replace(written, model_path.parent / written.name)
     staging.rmdir()
+
+
+@contextlib.contextmanager
+def _trained_heads(module: Any, adapter: PromptAdapter | None) -> Iterator[None]:
+    """in-graph: trace the adapter's trained heads (a PEFT dir's ``base_model.<head>.weight``) in
+    place of the base model's, restored afterwards."""
+    import torch
+
+    saved = {}
+    try:
+        for name, array in (adapter.heads if adapter is not None else {}).items():
+            param = module.get_parameter(name)
+            if tuple(param.shape) != array.shape:
+                raise AdapterConfigError(f"{adapter.label}: {name} has shape {list(array.shape)}, the model's is "
+                                         f"{list(param.shape)}")
+            saved[name] = param.detach().clone()
+            with torch.no_grad():
+                param.copy_(torch.from_numpy(np.asarray(array, dtype=np.float32)).to(param.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                module.get_parameter(name).copy_(value)
+
+
+def _head_slots_for(model_path: Path, found: Mapping[str, PromptAdapter]) -> None:
+    """Heads the adapters train in full become full-weight slots (default: the base head), and each
+    adapter's head tensors take the slots' layout."""
+    from ..graph.contract import read_contract
+    from ..graph.io import load_model
+    from .steps import _extract
+
+    names = sorted({n for a in found.values() for n in a.heads})
+    modules = sorted({n.rsplit(".", 1)[0] for n in names})
+    biases = sorted({n.rsplit(".", 1)[0] for n in names if n.endswith(".bias")})
+    base_heads = _extract(model_path, "inputs", (modules, biases))
+    base_heads.unlink()
+    shutil.rmtree(model_path.parent / ".extracted", ignore_errors=True)
+    contract = read_contract(load_model(model_path).metadata_props)
+    for adapter in found.values():
+        adapter.fit_heads(contract)

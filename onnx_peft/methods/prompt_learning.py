@@ -106,8 +106,11 @@ class PromptLearningMethod(Method):
         """All tensors are shared (no module owns them); stray or missing keys raise."""
         out = AdapterTensors()
         for key, value in tensors.items():
+            full = _saved_key(key, saved_modules)
             if key in (PROMPT_KEY, *self.extra_keys):
                 out.shared[key] = value
+            elif full is not None:  # a head trained in full (SEQ_CLS): base_model.<head>.weight
+                out.full.setdefault(full[0], {})[full[1]] = value
             else:
                 raise IncompatibleAdapterError(
                     f"{source}: tensor {key!r} is not part of a {self.peft_type} adapter (expected "
@@ -148,6 +151,18 @@ class PromptLearningMethod(Method):
             else "learned virtual tokens prepended to the input"
         return (f"{self.peft_type} adds {what}; it changes no weight, so it has no merged form and no "
                 "weight slots: export it with mode 'inputs' (swappable prompt inputs) or 'in-graph'")
+
+
+def _saved_key(key: str, saved_modules: Sequence[str]) -> tuple[str, str] | None:
+    """``base_model.classifier.weight`` -> ``("classifier", "weight")`` for a modules_to_save
+    module (prompt-learning checkpoints name the transformers model ``base_model``)."""
+    name = key[len("base_model."):] if key.startswith("base_model.") else None
+    if name is None:
+        return None
+    module, _, part = name.rpartition(".")
+    if any(module == m or module.endswith("." + m) or module.startswith(m + ".") for m in saved_modules):
+        return module, part
+    return None
 
 
 def prefix_pairs(config: PromptLearningConfig, prefix: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
