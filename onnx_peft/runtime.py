@@ -479,6 +479,13 @@ class AdapterSession:
             if isinstance(adapter, (list, tuple)):
                 distinct = set(adapter)
                 if len(distinct) > 1:
+                    from .methods.forms import FORMS
+
+                    if any(s.method not in FORMS and s.method != "modules_to_save" for s in self.contract.slots):
+                        raise RuntimeSessionError(
+                            f"{self.model_path.name} takes one adapter per run and its slots "
+                            f"({next(s.method for s in self.contract.slots if s.method not in FORMS)}) have no "
+                            "per-row form; run rows of different adapters separately (run(..., adapter=NAME))")
                     raise RuntimeSessionError(
                         f"{self.model_path.name} takes one adapter per run; a different adapter per row "
                         "needs a MultiAdapter model: onnx-peft multi-adapter MODEL.onnx -o OUT_DIR")

@@ -1,6 +1,7 @@
 """Llama-Adapter (ADAPTION_PROMPT) against HF PEFT, on numbers: forward and greedy generate,
 checkpoints both ways, training, the refusal to merge, config errors, and the ONNX export
-(in-graph logits, and decoding with the KV cache in AdapterSession), fp32 <= 1e-5.
+(in-graph; and mode "inputs": prompts and gates as graph inputs, adapters of any adapter_len
+swapped per run in AdapterSession, no adapter = the base), fp32 <= 1e-5, greedy tokens equal.
 
 tiny_llama has grouped-query attention (4 query heads, 2 KV heads), so the prompt keys and
 values are repeated per group as in PEFT.
@@ -28,10 +29,11 @@ from tiny_models import (
 )
 
 import onnx_peft
-from onnx_peft.errors import AdapterConfigError
+from onnx_peft.convert import convert_adapters
+from onnx_peft.errors import AdapterConfigError, IncompatibleAdapterError, RuntimeSessionError
 from onnx_peft.methods.adaption_prompt import AdaptionPromptConfig
 from onnx_peft.methods.base import method_for
-from onnx_peft.runtime import AdapterSession
+from onnx_peft.runtime import AdapterSession, example_feeds
 from onnx_peft.tuners.adaption_prompt import AdaptedAttention
 
 peft = pytest.importorskip("peft")
@@ -176,8 +178,6 @@ def test_merging_is_refused_in_torch_in_the_method_and_in_merged_export(tmp_path
     with pytest.raises(AdapterConfigError, match="model.layers.1.self_attn.*cannot be merged"):
         METHOD.merged_weight(config, "model.layers.1.self_attn", None, None, parts, {})
     with pytest.raises(AdapterConfigError, match="cannot be merged"):
-        METHOD.slot_tensors(config, "model.layers.1.self_attn", parts, {}, lambda: None)
-    with pytest.raises(AdapterConfigError, match="cannot be merged"):
         onnx_peft.export(model, tmp_path / "merged", task="causal-lm", mode="merged", quiet=True)
     assert max_diff(run(model, token_ids()), run(_ours_like(_peft()), token_ids())) == 0.0  # model untouched
 
@@ -205,18 +205,158 @@ def test_unsupported_model_too_many_layers_and_wrong_module_raise_clearly():
     assert not any(isinstance(m, AdaptedAttention) for m in base.modules())  # nothing left half-wrapped
 
 
-# -- ONNX ------------------------------------------------------------------------------------
-def test_in_graph_export_runs_like_torch_and_decodes_like_peft(tmp_path):
-    theirs = _peft(seed=4)
-    ours = _ours_like(theirs)
+# -- ONNX: in-graph ---------------------------------------------------------------------------
+def _torch_logits(model, feeds) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(feeds["input_ids"])).logits.numpy()
+
+
+def test_in_graph_export_runs_like_torch(tmp_path):
+    """Decoding with the KV cache is checked on the slot model below (the same traced forward)."""
+    ours = _ours_like(_peft(seed=4))
     feeds = {"input_ids": PROMPTS, "attention_mask": MASK}
     with torch.no_grad():
         expected = ours(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
 
     path = onnx_peft.export(ours, tmp_path / "lm", task="causal-lm", quiet=True)
     logits = AdapterSession(path).run(["logits"], feeds)[0]
-    decoder = onnx_peft.export(ours, tmp_path / "past", task="causal-lm-with-past", quiet=True)
-    tokens = AdapterSession(decoder).generate(PROMPTS, 6, attention_mask=MASK, pad_token_id=0)
 
+    assert AdapterSession(path).contract.slots == []  # the prompts are constants of the graph
     assert np.abs(logits - expected)[MASK.astype(bool)].max() <= TOL
-    assert np.array_equal(tokens, _generate(theirs))
+
+
+# -- ONNX: mode "inputs" (slots) ---------------------------------------------------------------
+SLOTS = ("model.layers.0.self_attn.adaption_prompt", "model.layers.0.self_attn.adaption_gate",
+         "model.layers.1.self_attn.adaption_prompt", "model.layers.1.self_attn.adaption_gate")
+
+
+@pytest.fixture(scope="module")
+def deploy(tmp_path_factory):
+    """A base folder and two PEFT-saved adapters (5 prompt tokens on both layers; 1 token on the
+    top layer only) exported together with mode 'inputs', with the KV cache."""
+    root = tmp_path_factory.mktemp("adaption_inputs")
+    tiny_llama().save_pretrained(root / "base")
+    adapters = {"long": _peft(seed=5, adapter_len=5), "short": _peft(seed=6, adapter_len=1, adapter_layers=1)}
+    for name, model in adapters.items():
+        model.save_pretrained(root / name)
+    path = onnx_peft.export(root / "base", root / "deploy", adapters={n: root / n for n in adapters},
+                            task="causal-lm-with-past", mode="inputs", quiet=True)
+    return root, path, adapters
+
+
+def test_inputs_export_swaps_adapters_of_any_length_and_no_adapter_is_the_base(deploy):
+    root, path, adapters = deploy
+    session = AdapterSession(path)
+    session.load_adapter("long", root / "deploy" / "adapters" / "long.onnx_adapter")
+    session.load_adapter("short", root / "short")  # a PEFT dir, converted at load
+    feeds = example_feeds(session, batch=2, sequence=6)
+
+    slots = {s.name: (s.shape, s.method, s.default) for s in session.contract.slots}
+    assert slots == {name: ((1, f"adapter_len.{name.rsplit('.', 1)[0]}", 32) if name.endswith("prompt") else (1,),
+                            "adaption_prompt", "zeros") for name in SLOTS}
+    assert sorted(p.name for p in (root / "deploy" / "adapters").iterdir()) == ["long.onnx_adapter",
+                                                                                 "short.onnx_adapter"]
+    assert session.input_names == ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_key_values.{i}.{kind}" for i in range(2) for kind in ("key", "value")]
+    for name, model in [("long", adapters["long"]), ("short", adapters["short"]), (None, tiny_llama())]:
+        got = session.run(["logits"], feeds, adapter=name)[0]
+        assert max_diff(torch.from_numpy(got), torch.from_numpy(_torch_logits(model, feeds))) <= TOL, name
+
+
+def test_inputs_export_decodes_each_adapter_like_peft_generate(deploy):
+    root, path, adapters = deploy
+    session = AdapterSession(path)
+    for name in adapters:
+        session.load_adapter(name, root / name)
+
+    for name, model in [*adapters.items(), (None, tiny_llama())]:
+        tokens = session.generate(PROMPTS, 6, adapter=name, attention_mask=MASK, pad_token_id=0)
+        assert np.array_equal(tokens, _generate(model)), name
+
+
+def _other_llama(hidden: int = 32, layers: int = 2, bias: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         attention_bias=bias)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_an_adapter_of_another_model_raises_naming_the_slot(deploy, tmp_path):
+    _, path, _ = deploy
+    session = AdapterSession(path)
+    wider = peft.get_peft_model(_other_llama(hidden=64), peft.AdaptionPromptConfig(**KWARGS))
+    wider.save_pretrained(tmp_path / "wider")
+    deeper = peft.get_peft_model(_other_llama(layers=3), peft.AdaptionPromptConfig(**{**KWARGS, "adapter_layers": 1}))
+    deeper.save_pretrained(tmp_path / "deeper")
+
+    with pytest.raises(IncompatibleAdapterError,
+                       match=r"'model\.layers\.\d\.self_attn\.adaption_prompt' has shape \[1, 3, 64\].*\[1, 'adapter_len"):
+        session.load_adapter("wider", tmp_path / "wider")
+    with pytest.raises(IncompatibleAdapterError, match=r"'model\.layers\.2\.self_attn\.adaption_\w+' matches no slot"):
+        session.load_adapter("deeper", tmp_path / "deeper")
+    with pytest.raises(IncompatibleAdapterError, match="adaption_prompt' has shape"):
+        convert_adapters(tmp_path / "wider", path, output_path=tmp_path / "wider.onnx_adapter")
+    assert session.adapters == []
+
+
+def test_convert_adapters_writes_a_slot_file_and_rows_cannot_mix_adapters(deploy, tmp_path):
+    root, path, adapters = deploy
+    written = convert_adapters(root / "short", path, output_path=tmp_path / "short.onnx_adapter")
+    session = AdapterSession(path)
+    session.load_adapter("short", written)
+    session.load_adapter("long", root / "long")
+    feeds = example_feeds(session, batch=2, sequence=6)
+
+    got = session.run(["logits"], feeds, adapter=["short", "short"])[0]
+    assert max_diff(torch.from_numpy(got), torch.from_numpy(_torch_logits(adapters["short"], feeds))) <= TOL
+    with pytest.raises(RuntimeSessionError, match="one adapter per run"):
+        session.run(["logits"], feeds, adapter=["short", "long"])
+
+
+def test_inputs_export_of_a_peft_model_writes_its_adapter_and_takes_others(tmp_path):
+    theirs = _peft(seed=7)
+    ours = _ours_like(theirs)
+    other = _peft(seed=8, adapter_len=4)
+    other.save_pretrained(tmp_path / "other")
+    before = run(ours, token_ids())
+
+    path = onnx_peft.export(ours, tmp_path / "deploy", task="causal-lm", mode="inputs", quiet=True)
+    session = AdapterSession(path)
+    session.load_adapter("default", tmp_path / "deploy" / "adapters" / "default.onnx_adapter")
+    session.load_adapter("other", tmp_path / "other")
+    feeds = {"input_ids": token_ids().numpy(), "attention_mask": np.ones((2, 7), np.int64)}
+
+    assert json.loads((tmp_path / "deploy" / "export_info.json").read_text())["exporter"] == "dynamo"
+    for name, model in [("default", theirs), ("other", other), (None, tiny_llama())]:
+        got = session.run(["logits"], feeds, adapter=name)[0]
+        assert max_diff(torch.from_numpy(got), run(model, token_ids())) <= TOL, name
+    assert max_diff(run(ours, token_ids()), before) == 0.0  # the model passed in is unchanged
+
+
+def test_inputs_export_refuses_what_it_cannot_serve(tmp_path):
+    """external and quantize modes, mixed methods, Hugging Face's PeftModel (its layers are not
+    ours: export the saved folder), two active adapters, and an o_proj bias (an empty prompt
+    would still add it)."""
+    _peft(seed=1).save_pretrained(tmp_path / "ap")
+    peft.get_peft_model(tiny_llama(), peft.LoraConfig(target_modules=["q_proj"])).save_pretrained(tmp_path / "lora")
+    ours = _ours_like(_peft())
+
+    with pytest.raises(AdapterConfigError, match="mode 'external' serves LoRA adapters only.*mode='inputs'"):
+        onnx_peft.export(ours, tmp_path / "x", task="causal-lm", mode="external", quiet=True)
+    with pytest.raises(AdapterConfigError, match="quantize= is not supported with Llama-Adapter"):
+        onnx_peft.export(ours, tmp_path / "x", task="causal-lm", mode="inputs", quantize="int4", quiet=True)
+    with pytest.raises(AdapterConfigError, match=r"adapters \['lora'\] are not Llama-Adapter"):
+        onnx_peft.export(tiny_llama(), tmp_path / "x", adapters={"ap": tmp_path / "ap", "lora": tmp_path / "lora"},
+                         task="causal-lm", mode="inputs", quiet=True)
+    with pytest.raises(AdapterConfigError, match="no onnx-peft Llama-Adapter layers.*adapters=DIR"):
+        onnx_peft.export(_peft(), tmp_path / "x", task="causal-lm", mode="inputs", quiet=True)
+    ours.add_adapter("other", AdaptionPromptConfig(**KWARGS))
+    ours.set_adapter(["default", "other"])
+    with pytest.raises(AdapterConfigError, match=r"adapters \['default', 'other'\] are active together"):
+        onnx_peft.export(ours, tmp_path / "x", task="causal-lm", mode="inputs", quiet=True)
+    biased = onnx_peft.get_peft_model(_other_llama(bias=True), AdaptionPromptConfig(**KWARGS))
+    with pytest.raises(AdapterConfigError, match=r"model\.layers\.0\.self_attn\.o_proj has a bias.*mode='in-graph'"):
+        onnx_peft.export(biased, tmp_path / "x", task="causal-lm", mode="inputs", quiet=True)
+    assert not (tmp_path / "x").exists()

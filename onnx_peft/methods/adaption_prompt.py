@@ -13,9 +13,17 @@ through ``o_proj`` and is added to the attention output::
 The softmax runs over the prompt tokens only (no mask, no cache: the prompt is not part of the
 sequence). ``g = 0`` makes the layer exactly the base attention (plus ``o_proj``'s bias where it
 has one, as in PEFT). Because the added term is an attention over a learned prompt, it is not a
-function of any one weight: there is no merged form and no Linear-branch slot form. The torch
+function of any one weight: there is no merged form and no Linear-branch form. The torch
 layer is :mod:`onnx_peft.tuners.adaption_prompt`; exported unmerged, the prompt attention is
-part of the ONNX graph.
+part of the ONNX graph: with mode ``in-graph`` the tensors are constants, with mode ``inputs``
+(:mod:`onnx_peft.export.adaption_inputs`) they are graph inputs, the *slots* of form
+``adaption_prompt`` this method's :meth:`~AdaptionPromptMethod.slot_tensors` fills::
+
+    <attention>.adaption_prompt   P  [1, adapter_len.<attention>, hidden]   default [1, 0, hidden]
+    <attention>.adaption_gate     g  [1]                                     default 0
+
+An empty prompt attends to nothing, so the defaults make the layer its base attention. No pass
+grafts this form (it is traced at export), so it has no per-row (MultiAdapter) variant.
 """
 
 from __future__ import annotations
@@ -23,15 +31,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import AdapterConfig, register_config
-from ..errors import AdapterConfigError
-from .base import Method, register_method
+from ..errors import AdapterConfigError, IncompatibleAdapterError
+from .base import Method, as_float32, register_method
 
 # Model types PEFT's AdaptionPromptModel accepts for Llama-style attention (q/k/v/o_proj and
 # rotary position embeddings), and the attention module name it fills in when none is given.
 MODEL_TYPES = {"llama": "self_attn", "mistral": "self_attn"}
 
+# The slot form of the prompt/gate graph inputs (Slot.method in a model's contract).
+SLOT_FORM = "adaption_prompt"
+
 NO_MERGE = ("Llama-Adapter (ADAPTION_PROMPT) adds attention over a learned prompt to {where}; it cannot be "
-            "merged into weights and has no Linear-branch slot form. Export the PeftModel with mode "
+            "merged into weights. Export the PeftModel (or the base with adapters=) with mode "
             "'in-graph' or 'inputs' instead")
 
 
@@ -78,4 +89,11 @@ class AdaptionPromptMethod(Method):
         raise AdapterConfigError(NO_MERGE.format(where=f"the attention {module}"))
 
     def slot_tensors(self, config, module, parts, shared, base_weight):
-        raise AdapterConfigError(NO_MERGE.format(where=f"the attention {module}"))
+        """``{"adaption_prompt": {"adaption_prompt": P [1, L, hidden], "adaption_gate": g [1]}}``:
+        PEFT's tensors as they are, for a model exported with mode ``inputs``."""
+        prompt, gate = as_float32(parts["adaption_prompt"]), as_float32(parts["adaption_gate"])
+        if prompt.ndim != 3 or prompt.shape[0] != 1 or gate.shape != (1,):
+            raise IncompatibleAdapterError(
+                f"module {module}: Llama-Adapter tensors must be adaption_prompt [1, adapter_len, hidden] and "
+                f"adaption_gate [1], got {list(prompt.shape)} and {list(gate.shape)}; the checkpoint is damaged")
+        return {SLOT_FORM: {"adaption_prompt": prompt, "adaption_gate": gate}}

@@ -169,3 +169,16 @@ def add_adapted_attention(layer: AdaptedAttention, adapter_name: str, config: Ad
 Layer = AdaptedAttention
 make_layer = make_adapted_attention
 add_adapter = add_adapted_attention
+
+
+def slot_parameters(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, nn.Parameter]]:
+    """``{slot name: (parameter name in model, parameter)}`` of adapter ``adapter_name``'s prompts
+    and gates, slot names as PEFT keys them without ``base_model.model.``
+    (``model.layers.1.self_attn.adaption_prompt``), in module order. Export with mode ``inputs``
+    swaps these parameters for graph inputs (onnx_peft.export.adaption_inputs)."""
+    out: dict[str, tuple[str, nn.Parameter]] = {}
+    for path, layer in model.named_modules():
+        if isinstance(layer, AdaptedAttention) and adapter_name in layer.adaption_prompt:
+            for attr in AdaptedAttention.adapter_layer_names:
+                out[f"{path}.{attr}"] = (f"{path}.{attr}.{adapter_name}", getattr(layer, attr)[adapter_name])
+    return out
