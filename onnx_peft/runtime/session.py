@@ -1,0 +1,101 @@
+"""AdapterSession: the session itself (construction, inputs, adapters loaded); loading, running
+and generation live in sibling modules as the mixins it is made of."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelFileError, require_onnxruntime
+from ..graph.banks import MULTI_ADAPTER_KEY, MultiLayout
+from ..graph.contract import read_contract
+from ..prompt_feeds import PROMPT_INPUT_NAMES, PromptLayout
+from .generation import AdapterGeneration
+from .loading import AdapterLoading
+from .running import AdapterRunning
+from .state import _Banks, _InputSpec, _Loaded, _numpy_dtype, _select_providers
+
+logger = logging.getLogger("onnx_peft.runtime")
+
+
+class AdapterSession(AdapterLoading, AdapterRunning, AdapterGeneration):
+    """ONNX Runtime session over a model with adapter slots (or MultiAdapter banks).
+
+    >>> session = AdapterSession("deploy/model.onnx")
+    >>> session.load_adapter("sql", "deploy/adapters/sql.onnx_adapter")
+    >>> logits, = session.run(["logits"], {"input_ids": ids}, adapter="sql")
+    """
+
+    def __init__(self, model_path: str | os.PathLike, providers: Sequence[Any] | None = None,
+                 session_options: Any = None):
+        ort = require_onnxruntime()
+        self._ort = ort
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise ModelFileError(f"{self.model_path}: no such model file")
+        if session_options is None:
+            session_options = ort.SessionOptions()
+            session_options.log_severity_level = 3  # slot inputs with defaults warn on every load
+        wanted = _select_providers(ort, providers)
+        try:
+            self._session = ort.InferenceSession(str(self.model_path), sess_options=session_options,
+                                                 providers=wanted)
+        except Exception as exc:
+            if wanted[0] == "CUDAExecutionProvider" and providers is None:
+                logger.warning("CUDA session failed (%s); falling back to CPU", exc)
+                self._session = ort.InferenceSession(str(self.model_path), sess_options=session_options,
+                                                     providers=["CPUExecutionProvider"])
+            else:
+                raise ModelFileError(f"{self.model_path}: ONNX Runtime cannot load it ({exc})") from exc
+        self.provider = self._session.get_providers()[0]
+        self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        logger.debug("AdapterSession: %s on %s", self.model_path.name, self.provider)
+
+        self._inputs: dict[str, _InputSpec] = {}
+        for meta, required in [(m, True) for m in self._session.get_inputs()] + [
+                (m, False) for m in self._session.get_overridable_initializers()]:
+            self._inputs[meta.name] = _InputSpec(meta.name, _numpy_dtype(meta.type),
+                                                 tuple(meta.shape or ()), required)
+        self.output_names = [o.name for o in self._session.get_outputs()]
+        metadata = dict(self._session.get_modelmeta().custom_metadata_map)
+        self.contract = read_contract(metadata) or self._contract_from_inputs()
+        self.layout = MultiLayout.from_json(metadata[MULTI_ADAPTER_KEY]) if MULTI_ADAPTER_KEY in metadata else None
+        self._slot_names = {s.name for s in self.contract.slots}
+        self._managed = set() if self.layout is None else {b.bank for b in self.layout.banks}
+        # A model extracted with pack_inputs takes each dtype's slots as one flat input; the
+        # session checks adapters slot by slot, then packs them once at load time.
+        from ..passes.extract_adapters import read_packing
+
+        self.packing = read_packing(metadata)
+        if self.packing:
+            self._managed |= {name for group in self.packing.values() for name in (group["data"], group["sizes"])}
+        self._ids_input = self.layout.ids_input if self.layout is not None else None
+        self.prompt_layout = PromptLayout.from_metadata(metadata)
+        if self.prompt_layout is not None:  # prompt inputs are fed from loaded prompt adapters
+            self._managed |= {n for n in self._inputs if n in PROMPT_INPUT_NAMES or n.startswith("prefix.")}
+        self._base_rows = self._read_base_rows()
+
+        self._lock = threading.Condition()
+        self._adapters: dict[str, _Loaded] = {}
+        self._banks: _Banks | None = None
+
+    @property
+    def input_names(self) -> list[str]:
+        """The inputs a caller feeds: everything but adapter slots, banks and adapter ids."""
+        managed = self._slot_names | self._managed | {self._ids_input}
+        return [name for name, spec in self._inputs.items() if spec.required and name not in managed]
+
+    # -- adapters ------------------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the loaded adapters, in load order."""
+        with self._lock:
+            return [name for name, a in self._adapters.items() if not a.unloading]
+
+    @property
+    def is_multi_adapter(self) -> bool:
+        return self.layout is not None
