@@ -164,8 +164,33 @@ def adapter_slots(adapter: PeftAdapter, dtype: Any, base_weight: BaseWeights,
         forms = adapter.slot_tensors(module, lambda target=target: np.asarray(base_weight(target), np.float32))
         for tensors in forms.values():
             for suffix, array in tensors.items():
-                out[slot_name(target, suffix)] = np.ascontiguousarray(array).astype(dtype)
+                out[slot_name(target, suffix)] = as_slot_dtype(array, dtype)
     return out
+
+
+def as_slot_dtype(array: Any, dtype: Any) -> np.ndarray:
+    """A slot tensor in ``dtype`` (the model's float type); integer slots (token ids) stay int64."""
+    array = np.ascontiguousarray(array)
+    return array.astype(np.int64) if array.dtype.kind in "iu" else array.astype(dtype)
+
+
+def float_dtype(contract: Contract | None, default: Any = np.float32) -> np.dtype:
+    """The model's float type: the dtype of its first float slot."""
+    for slot in contract.slots if contract is not None else ():
+        if np.dtype(slot.dtype).kind == "f":
+            return np.dtype(slot.dtype)
+    return np.dtype(default)
+
+
+def mirror_tied(tensors: dict[str, np.ndarray], contract: Contract | None) -> dict[str, np.ndarray]:
+    """Fill a tied head's ``tokens`` slots with its embedding's (``Slot.tied_to``), for an adapter
+    that trained the embedding's rows only: the head shares the table, as in PEFT."""
+    for slot in contract.slots if contract is not None else ():
+        suffix = slot.name[len(slot.module) + 1:]
+        source = slot_name(slot.tied_to, suffix) if slot.tied_to else None
+        if source in tensors and slot.name not in tensors:
+            tensors[slot.name] = tensors[source]
+    return tensors
 
 
 def peft_to_slots(config: AdapterConfig, tensors: Mapping[str, np.ndarray], dtype: Any = np.float32,
@@ -188,7 +213,7 @@ def peft_to_slots(config: AdapterConfig, tensors: Mapping[str, np.ndarray], dtyp
         known = {s.module for s in contract.slots}
         module_map = {m: match_module(m, known) or m for m in adapter.modules}
     slots.update(adapter_slots(adapter, dtype, base_weight or _no_base(source), module_map))
-    return slots
+    return mirror_tied(slots, contract)
 
 
 # -- the public entry point ------------------------------------------------------------------
@@ -206,18 +231,21 @@ def _model_contract(model_path: str | os.PathLike) -> tuple[Any, Contract]:
 
 
 def base_weight_reader(model: Any) -> Any:
-    """``module -> W [out, in]`` read lazily from the model's LinearSite (DoRA only)."""
+    """``module -> W [out, in]`` read lazily from the model's LinearSite (DoRA, HRA, ...); a norm's
+    ``[scale, shift?]`` rows (LN Tuning), an embedding's table."""
     sites: dict[str, Any] | None = None
 
     def read(module: str) -> np.ndarray:
         nonlocal sites
         if sites is None:
-            from .graph.modules import find_linear_sites
+            from .graph.op_sites import find_sites
 
-            sites = find_linear_sites(model)
+            sites = find_sites(model)
         site = sites.get(module)
         if site is None or site.weight.const_value is None:
-            raise IncompatibleAdapterError(f"model: no linear layer with a constant weight for module {module}")
+            raise IncompatibleAdapterError(f"model: no layer with a constant weight for module {module}")
+        if getattr(site, "kind", "linear") != "linear":
+            return site.weight_out_in()
         weight = site.weight.const_value.numpy()
         return weight.T if site.weight_layout == "in_out" else weight
 
@@ -242,10 +270,14 @@ def convert_adapters(adapter: str | os.PathLike, model_path: str | os.PathLike |
     has none.
     """
     adapter = Path(adapter)
+    from .prompt_feeds import convert_prompt_adapter
+
+    if convert_prompt_adapter(adapter, model_path, output_path, dtype, format, allow_pickle):
+        return Path(output_path)  # a prompt-learning adapter: its tensors are the graph's prompt inputs
     model, contract = _model_contract(model_path) if model_path is not None else (None, None)
     fingerprint = contract.fingerprint if contract is not None else ""
     if dtype is None:
-        dtype = contract.slots[0].dtype if contract is not None else "float32"
+        dtype = float_dtype(contract).name
     target_dtype = numpy_dtype(dtype)
     if adapter.is_dir():
         config, peft_tensors = read_peft_adapter(adapter, allow_pickle=allow_pickle)
@@ -263,7 +295,7 @@ def convert_adapters(adapter: str | os.PathLike, model_path: str | os.PathLike |
                 f"{adapter}: holds PEFT-named tensors (base_model.model.*) without their "
                 "adapter_config.json; pass the adapter directory instead"
             )
-        slots = {k: np.asarray(v).astype(target_dtype) for k, v in slots.items()}
+        slots = {k: as_slot_dtype(v, target_dtype) for k, v in slots.items()}
         if contract is not None:
             file_fingerprint = resolve_fingerprint(file_fingerprint, fingerprint)
     if contract is not None:

@@ -18,6 +18,7 @@ from .formats import ADAPTER_FILE_SUFFIXES
 from .graph.contract import CONTRACT_KEY, read_contract
 
 _A, _B = ".lora_A.weight", ".lora_B.weight"
+_TOKENS, _NORM = ".trainable_tokens.indices", ".ln_delta.weight"
 
 
 def inspect_path(path: str | os.PathLike) -> dict[str, Any]:
@@ -65,6 +66,10 @@ def _modules_from_names(shapes: dict[str, tuple[tuple[Any, ...], str]]) -> dict[
             entry["in"] = shape[0] if shape else None
         elif name.endswith(_B):
             entry["out"] = shape[-1] if shape else None
+        elif name.endswith(_TOKENS):  # trainable token rows: how many
+            entry["tokens"] = shape[-1] if shape else None
+        elif name.endswith(_NORM):    # LN Tuning: the norm's width
+            entry["features"] = shape[-1] if shape else None
     for entry in modules.values():
         entry["method"] = "+".join(entry["forms"])
     return modules
@@ -98,9 +103,12 @@ def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
             entry["slots"].append(slot.name)
     from .graph.banks import MULTI_ADAPTER_KEY
     from .passes.extract_adapters import read_packing
+    from .prompt_feeds import PromptLayout
 
     layout = model.metadata_props.get(MULTI_ADAPTER_KEY)
     info["multi_adapter"] = json.loads(layout) if layout else None
+    prompt = PromptLayout.from_metadata(model.metadata_props)
+    info["prompt"] = json.loads(prompt.to_json()) if prompt is not None else None
     info["packing"] = read_packing(model.metadata_props)
     return info
 
@@ -111,7 +119,11 @@ def inspect_adapter_file(path: str | os.PathLike) -> dict[str, Any]:
 
     tensors, fingerprint = load_adapter_file(path)
     shapes = {n: (tuple(int(d) for d in t.shape), t.dtype.name) for n, t in tensors.items()}
+    from .prompt_feeds import adapter_from_tensors
+
+    prompt = adapter_from_tensors(tensors, str(path))
     return {
+        "prompt": None if prompt is None else {"kind": prompt.kind, "length": prompt.length, "tasks": prompt.tasks},
         "kind": "adapter_file", "path": str(path), "format": format_for_path(path),
         "fingerprint": fingerprint,
         "tensors": {n: {"shape": list(s), "dtype": d} for n, (s, d) in sorted(shapes.items())},
@@ -129,7 +141,7 @@ def inspect_peft_dir(path: str | os.PathLike) -> dict[str, Any]:
     info: dict[str, Any] = {"kind": "peft_adapter", "path": str(path), "peft_type": config.peft_type,
                             "modules": {}}
     for key in ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "fan_in_fan_out",
-                "rank_pattern", "alpha_pattern", "base_model_name_or_path"):
+                "rank_pattern", "alpha_pattern", "token_indices", "trainable_token_indices", "base_model_name_or_path"):
         if hasattr(config, key):
             info[key] = getattr(config, key)
     for module, parts in sorted(adapter.modules.items()):
@@ -142,6 +154,9 @@ def inspect_peft_dir(path: str | os.PathLike) -> dict[str, Any]:
         info["modules"][module] = entry
     if adapter.tensors.shared:
         info["shared"] = {k: list(v.shape) for k, v in sorted(adapter.tensors.shared.items())}
+    if getattr(adapter.method, "is_prompt_learning", False):
+        info["prompt"] = {"kind": adapter.method.kind, "num_virtual_tokens": config.num_virtual_tokens,
+                          "tasks": adapter.method.tasks(config)}
     return info
 
 
@@ -168,6 +183,12 @@ def render_text(info: dict[str, Any]) -> str:
                          f"per row through {layout['ids_input']!r} (0 = base)")
         if info.get("packing"):
             lines.append("  packed inputs: " + ", ".join(group["data"] for group in info["packing"].values()))
+        if info.get("prompt"):
+            prompt = info["prompt"]
+            via = {"inputs": "prefix.* inputs", "past": "the past key/values"}.get(prompt["prefix_via"], "")
+            lines.append(f"  prompt-ready: virtual tokens of width {prompt['hidden']} through prompt_embeds"
+                         + (f"; a prefix ({prompt['layers']} layers x {prompt['heads']} kv heads x {prompt['head_dim']})"
+                            f" through {via}" if via else "") + "; one adapter per run or per row")
         for module, entry in sorted(info["modules"].items()):
             shapes = [s["shape"] for s in info["slots"] if s["module"] == module]
             lines.append(f"    {module} [{entry['method']}] {shapes}")
@@ -179,15 +200,28 @@ def render_text(info: dict[str, Any]) -> str:
     if kind == "adapter_file":
         lines.append(f"adapter file {info['path']} ({info['format']})")
         lines.append(f"  fingerprint: {info['fingerprint'] or 'none'}")
+        if info.get("prompt"):
+            prompt = info["prompt"]
+            what = "virtual tokens" if prompt["kind"] == "prompt" else "prefix tokens per layer"
+            lines.append(f"  prompt-learning adapter: {prompt['length']} {what}"
+                         + (f", {prompt['tasks']} tasks" if prompt["tasks"] > 1 else ""))
+            return "\n".join(lines)
         lines.append(f"  {len(info['tensors'])} tensors on {len(info['modules'])} modules")
         for module, entry in sorted(info["modules"].items()):
-            lines.append(f"    {module} [{entry['method']}] rank {entry.get('rank')} "
-                         f"{entry.get('in')} -> {entry.get('out')}")
+            detail = ", ".join(f"{k} {entry[k]}" for k in ("tokens", "features") if k in entry) \
+                if "rank" not in entry else f"rank {entry['rank']} {entry.get('in')} -> {entry.get('out')}"
+            lines.append(f"    {module} [{entry['method']}] {detail}")
         return "\n".join(lines)
     lines.append(f"PEFT adapter {info['path']} ({info['peft_type']})")
-    for key in ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern"):
+    for key in ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
+                "token_indices", "trainable_token_indices"):
         if key in info and info[key] not in (None, {}, False):
             lines.append(f"  {key}: {info[key]}")
+    if info.get("prompt"):
+        prompt = info["prompt"]
+        lines.append(f"  {prompt['kind']}: {prompt['num_virtual_tokens']} virtual tokens"
+                     + (f", {prompt['tasks']} tasks" if prompt["tasks"] > 1 else "") + "; no merged form")
+        return "\n".join(lines)
     lines.append(f"  {len(info['modules'])} modules")
     for module, entry in sorted(info["modules"].items()):
         detail = (f"rank {entry['rank']} scale {entry['scale']:g}" if "rank" in entry and "scale" in entry

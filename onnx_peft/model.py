@@ -154,6 +154,8 @@ class PeftModel(nn.Module):
         tuner = method.tuner()
         # a tuner may pick its module paths itself (Llama-Adapter: the attention of the top N layers)
         chosen = tuner.select_targets(model, config) if hasattr(tuner, "select_targets") else None
+        if hasattr(tuner, "default_targets") and getattr(config, "target_modules", None) is None:
+            config.target_modules = tuner.default_targets(model, config)  # PEFT's per-method defaults
         if getattr(config, "target_modules", None) == "all-linear":
             config.target_modules = linear_module_names(model)
         if chosen is None and getattr(config, "target_modules", None) is None:
@@ -371,9 +373,11 @@ class PeftModel(nn.Module):
         write the same keys so both libraries produce the same files.
         """
         model = self.base_model.model
-        targeted = _targets_embedding_by_name(self.peft_config[adapter_name], model)
-        if save_embedding_layers == "auto":
-            save_embedding_layers = targeted
+        config = self.peft_config[adapter_name]
+        targeted = _targets_embedding_by_name(config, model)
+        if save_embedding_layers == "auto":  # PEFT: token rows travel without the whole table
+            trains_rows = config.peft_type == "TRAINABLE_TOKENS" or getattr(config, "trainable_token_indices", None)
+            save_embedding_layers = targeted and not trains_rows
         if not save_embedding_layers or not hasattr(model, "get_input_embeddings"):
             return {}
         out: dict[str, torch.Tensor] = {}

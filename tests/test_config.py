@@ -85,7 +85,6 @@ def test_set_of_target_modules_is_stored_as_a_sorted_list():
     ({**PEFT_WRITTEN, "lora_bias": True}, "lora_bias"),
     ({**PEFT_WRITTEN, "use_qalora": True}, "use_qalora"),
     ({**PEFT_WRITTEN, "layer_replication": [[0, 2]]}, "layer_replication"),
-    ({**PEFT_WRITTEN, "trainable_token_indices": [1, 2]}, "trainable_token_indices"),
     ({**PEFT_WRITTEN, "r": 0}, "r must be a positive integer"),
     ({**PEFT_WRITTEN, "r": "8"}, "r must be a positive integer"),
     ({**PEFT_WRITTEN, "bias": "some"}, "bias must be"),

@@ -154,6 +154,7 @@ def needs_insert(adapters: Mapping[str, Path]) -> bool:
 
     for path in adapters.values():
         config = AdapterConfig.from_pretrained(path)
-        if config.peft_type != "LORA" or getattr(config, "use_dora", False):
+        if config.peft_type != "LORA" or getattr(config, "use_dora", False) \
+                or getattr(config, "trainable_token_indices", None):  # token rows: an embedding form
             return True
     return False

@@ -11,6 +11,11 @@ once, plain or batched).
 
 ``batched``: slot values carry a leading per-row axis (``A [batch, in, r]``); ``x`` is viewed as
 ``[batch, -1, in]`` (reshaped when its rank is not known to be 3) and results are shaped back.
+
+Embedding and norm sites (graph/op_sites.py) take the output-side forms the same way (an
+embedding's ``x`` is its ids, viewed as ``[batch, -1]`` per row); a form may also replace an
+input of the site's node (the ``norm`` form's ``w + dw``): the new value's node records the value
+it stands in for, so :func:`ungraft` restores it like any other.
 """
 
 from __future__ import annotations
@@ -38,13 +43,30 @@ class BranchBuilder:
         self.x: ir.Value = site.input
         self.y: ir.Value = site.branch_output
         self.bias: ir.Value | None = site.bias
+        self.replaced: list[tuple[ir.Node, int, ir.Value]] = []  # (node, input index, new value)
 
-    def op(self, op_type: str, inputs: Sequence[ir.Value], suffix: str, **attributes: int) -> ir.Value:
-        node = ir.node(op_type, list(inputs), attributes, name=f"{self.module}/adapter/{suffix}")
+    @property
+    def dtype(self) -> ir.DataType:
+        """The model's float type: the site's parameter's."""
+        weight = self.site.weight
+        return weight.dtype or weight.const_value.dtype
+
+    @property
+    def float_type(self) -> int:
+        """The model's float type (of the site's parameter), for Cast."""
+        return int(self.dtype)
+
+    def op(self, op_type: str, inputs: Sequence[ir.Value], suffix: str, domain: str = "",
+           **attributes: object) -> ir.Value:
+        node = ir.node(op_type, list(inputs), attributes, domain=domain, name=f"{self.module}/adapter/{suffix}")
         node.outputs[0].name = f"{self.module}.adapter.{suffix}.{len(self.nodes)}"
         node.metadata_props[BRANCH_KEY] = self.module
         self.nodes.append(node)
         return node.outputs[0]
+
+    def replace_input(self, node: ir.Node, index: int, value: ir.Value) -> None:
+        """Make ``node`` read ``value`` (built by this builder) at input ``index`` once grafted."""
+        self.replaced.append((node, index, value))
 
     def const(self, values: list[int]) -> ir.Value:
         name = "onnx_peft/const_" + "_".join(str(v) for v in values).replace("-", "m")
@@ -52,6 +74,24 @@ class BranchBuilder:
             value = ir.Value(name=name, const_value=ir.tensor(np.array(values, dtype=np.int64), name=name))
             self.graph.register_initializer(value)
         return self.graph.initializers[name]
+
+    def scalar(self, number: int) -> ir.Value:
+        """A 0-d int64 constant (Range's bounds)."""
+        name = f"onnx_peft/scalar_{number}".replace("-", "m")
+        if name not in self.graph.initializers:
+            value = ir.Value(name=name, const_value=ir.tensor(np.array(number, dtype=np.int64), name=name))
+            self.graph.register_initializer(value)
+        return self.graph.initializers[name]
+
+    def array(self, values: np.ndarray) -> ir.Value:
+        """A constant in the model's float dtype, owned by this module's branch."""
+        name = f"{self.module}.adapter.const_{len(self.nodes)}"
+        while name in self.graph.initializers:
+            name += "_"
+        array = np.asarray(values).astype(self.dtype.numpy())
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        self.graph.register_initializer(value)
+        return value
 
     def flat(self, value: ir.Value, features: int, suffix: str) -> ir.Value:
         """``value`` as ``[batch, -1, features]`` (unchanged when already rank 3)."""
@@ -77,6 +117,8 @@ def _linear_input_use(site: LinearSite) -> tuple[ir.Node, int]:
 def graft(graph: ir.Graph, site: LinearSite, forms: Sequence[tuple[Form, Mapping[str, ir.Value]]],
           batched: bool = False) -> ir.Value:
     """Build ``forms`` (each with its slot values by suffix) around ``site``; return ``y'``."""
+    if not isinstance(site, LinearSite):
+        return _graft_op_site(graph, site, forms, batched)
     g = BranchBuilder(graph, site, batched)
     ordered = sorted(forms, key=lambda item: item[0].stage)
     x0, y0 = site.input, site.branch_output
@@ -116,6 +158,44 @@ def graft(graph: ir.Graph, site: LinearSite, forms: Sequence[tuple[Form, Mapping
                 graph.outputs[i] = out
         y0.name, out.name = f"{site.module}.adapter.base_out", y0.name
         new_nodes[-1].metadata_props[REPLACES_KEY] = y0.name
+    ours = set(g.nodes)
+    for user, index in list(y0.uses()):
+        if user not in ours:
+            user.replace_input_with(index, out)
+    return out
+
+
+def _graft_op_site(graph: ir.Graph, site, forms: Sequence[tuple[Form, Mapping[str, ir.Value]]],
+                   batched: bool) -> ir.Value:
+    """:func:`graft` on an embedding or norm site: output-side forms, and input replacements."""
+    g = BranchBuilder(graph, site, batched)
+    y0 = site.branch_output
+    if batched:
+        g.x = g.op("Reshape", [site.input, g.const([0, -1])], "ids_rows") if site.kind == "embedding" \
+            else g.flat(site.input, site.in_features, "x_rows")
+        g.y = g.flat(y0, site.out_features, "y_rows")
+    start = g.y
+    for form, values in sorted(forms, key=lambda item: item[0].stage):
+        form.build(g, values)
+    pre = [value.producer() for _, _, value in g.replaced]
+    if pre:  # in front of the node, which reads the new values
+        for node, index, value in g.replaced:
+            value.producer().metadata_props[REPLACES_KEY] = node.inputs[index].name
+        graph.insert_before(site.node, pre)
+        for node, index, value in g.replaced:
+            node.replace_input_with(index, value)
+    if g.y is start:
+        return y0
+    out = g.unflat(g.y, y0, "y_back") if batched else g.y
+    post = [n for n in g.nodes if n not in pre]
+    post[-1].metadata_props[REPLACES_KEY] = y0.name
+    graph.insert_after(y0.producer(), post)
+    if y0.type is not None:
+        out.type, out.shape = y0.type, ir.Shape(y0.shape) if y0.shape is not None else None
+    if y0.is_graph_output():
+        graph.outputs[list(graph.outputs).index(y0)] = out
+        y0.name, out.name = f"{site.module}.adapter.base_out", y0.name
+        post[-1].metadata_props[REPLACES_KEY] = y0.name
     ours = set(g.nodes)
     for user, index in list(y0.uses()):
         if user not in ours:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import IncompatibleAdapterError
+from ..errors import IncompatibleAdapterError, ModelFileError
 
 CONTRACT_KEY = "onnx_peft.contract"
 FINGERPRINT_KEY = "onnx_peft.fingerprint"
@@ -67,7 +67,10 @@ class Slot:
     ``method``: the branch form the slot belongs to (methods/forms.py: ``lora``, ``dora``,
     ``ia3_out``, ...) or ``modules_to_save``. ``layout``: how a full-weight weight slot is
     oriented, ``"in_out"`` or ``"out_in"``; ``""`` otherwise. ``default``: the no-op value
-    (``zeros`` with symbolic dims at 0, ``ones``, ``identity``; ``base`` for full weights).
+    (``zeros`` with symbolic dims at 0, ``ones``, ``identity``, ``minus_one`` for token ids;
+    ``base`` for full weights). ``tied_to``: for the ``tokens`` slots of an output head that shares
+    an embedding's weight, that embedding's module (an adapter training only the embedding's rows
+    fills the head's slots with the same tensors, as PEFT ties them).
     """
 
     name: str
@@ -77,6 +80,7 @@ class Slot:
     method: str = "lora"
     layout: str = ""
     default: str = ""
+    tied_to: str = ""  # a head tied to this embedding module: an adapter without rows of its own mirrors its
 
     @property
     def default_kind(self) -> str:
@@ -111,28 +115,80 @@ class Contract:
         return json.dumps(data, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> Contract:
-        data = json.loads(text)
+    def from_json(cls, text: str, source: str = "model") -> Contract:
+        """Parse a contract; anything malformed is a ModelFileError naming ``source`` and the key."""
+        data = parse_metadata_json(text, CONTRACT_KEY, source)
+        where = f"{source}: metadata {CONTRACT_KEY!r}"
+        slots_data = data.get("slots", [])
+        if not isinstance(slots_data, list):
+            raise ModelFileError(f"{where}: 'slots' must be a list; the model file is corrupt, export it again")
         known = {f.name for f in fields(Slot)}  # fields of a newer writer are ignored
-        slots = [Slot(**{**{k: v for k, v in s.items() if k in known}, "shape": tuple(s["shape"])})
-                 for s in data.get("slots", [])]
-        return cls(slots=slots, fingerprint=data.get("fingerprint", ""),
-                   version=int(data.get("version", CONTRACT_VERSION)))
+        slots = []
+        for index, entry in enumerate(slots_data):
+            if not isinstance(entry, dict):
+                raise ModelFileError(f"{where}: slots[{index}] must be an object; the model file is corrupt")
+            values = {k: v for k, v in entry.items() if k in known}
+            for key in ("name", "dtype", "module"):
+                if not isinstance(values.get(key), str):
+                    raise ModelFileError(f"{where}: slots[{index}].{key} must be a string, got {values.get(key)!r:.60}")
+            for key in ("method", "layout", "default", "tied_to"):
+                if not isinstance(values.get(key, ""), str):
+                    raise ModelFileError(f"{where}: slots[{index}].{key} must be a string, got {values[key]!r:.60}")
+            values["shape"] = metadata_shape(values.get("shape"), f"{where}: slots[{index}].shape")
+            check_dtype_name(values["dtype"], f"{where}: slots[{index}].dtype")
+            slots.append(Slot(**values))
+        fingerprint, version = data.get("fingerprint", ""), data.get("version", CONTRACT_VERSION)
+        if not isinstance(fingerprint, str) or isinstance(version, bool) or not isinstance(version, int):
+            raise ModelFileError(f"{where}: 'fingerprint' must be a string and 'version' an integer")
+        return cls(slots=slots, fingerprint=fingerprint, version=version)
+
+
+def parse_metadata_json(text: Any, key: str, source: str) -> dict[str, Any]:
+    """A JSON object stored in a model's metadata_props, or ModelFileError naming the model and key."""
+    try:
+        data = json.loads(text)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ModelFileError(f"{source}: metadata {key!r} is not valid JSON ({type(exc).__name__}: "
+                             f"{str(exc)[:120]}); the model file is corrupt, export it again") from exc
+    if not isinstance(data, dict):
+        raise ModelFileError(f"{source}: metadata {key!r} must be a JSON object, got {type(data).__name__}; "
+                             "the model file is corrupt, export it again")
+    return data
+
+
+def metadata_shape(value: Any, where: str) -> tuple[int | str, ...]:
+    """A recorded shape: a list of non-negative ints and symbolic dim names."""
+    if not isinstance(value, list) or not all(
+            isinstance(d, str) or (isinstance(d, int) and not isinstance(d, bool) and d >= 0) for d in value):
+        raise ModelFileError(f"{where} must be a list of non-negative integers and dim names, got {value!r:.60}")
+    return tuple(value)
+
+
+def check_dtype_name(name: str, where: str) -> None:
+    """``name`` is a numpy dtype name (``bfloat16`` through ml_dtypes)."""
+    try:
+        if name == "bfloat16":
+            import ml_dtypes  # noqa: F401  registers the name with numpy
+        np.dtype(name)
+    except (TypeError, ImportError):
+        raise ModelFileError(f"{where}: {name[:40]!r} is not a dtype; the model file is corrupt") from None
 
 
 def _slot_json(slot: Slot) -> dict[str, Any]:
-    """A slot as JSON; an empty ``layout``/``default`` is left out."""
+    """A slot as JSON; an empty ``layout``/``default``/``tied_to`` is left out."""
     data = {**asdict(slot), "shape": list(slot.shape)}
-    for key in ("layout", "default"):
+    for key in ("layout", "default", "tied_to"):
         if not data[key]:
             del data[key]
     return data
 
 
-def read_contract(metadata_props: Mapping[str, str]) -> Contract | None:
-    """The contract stored in a model's metadata_props, or None if it has none."""
+def read_contract(metadata_props: Mapping[str, str], source: str = "model") -> Contract | None:
+    """The contract stored in a model's metadata_props, or None if it has none.
+
+    A corrupt one raises ModelFileError naming ``source`` (pass the model path) and the key."""
     text = metadata_props.get(CONTRACT_KEY)
-    return Contract.from_json(text) if text else None
+    return Contract.from_json(text, source) if text else None
 
 
 def write_contract(metadata_props: dict[str, str], contract: Contract) -> None:

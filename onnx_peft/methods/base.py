@@ -144,8 +144,9 @@ class Method(abc.ABC):
                      shared: Mapping[str, np.ndarray], base_weight: BaseWeight
                      ) -> dict[str, dict[str, np.ndarray]]:
         """The adapter at ``module`` as slot tensors: ``{form: {slot suffix: float32 array}}``
-        (forms in methods/forms.py). ``base_weight()`` gives ``W [out, in]`` where the slot
-        tensors depend on it (DoRA's factor, HRA's folded reflections)."""
+        (forms in methods/forms.py; Llama-Adapter's ``adaption_prompt`` form is not grafted by a
+        pass but traced at export, export/adaption_inputs.py). ``base_weight()`` gives
+        ``W [out, in]`` where the slot tensors depend on it (DoRA's factor, HRA's folded reflections)."""
 
     # -- variants: one checkpoint, several adapters (Poly's tasks) -----------------------------
     def variants(self, config: AdapterConfig) -> tuple[str, ...]:

@@ -12,10 +12,17 @@ because each one's default is an exact no-op an adapter fills only its own forms
                       dense      y' = y + x'[.., :d] D      D [d, out]        d = 0 (no rows)
     stage 2 (output)  dora       y' = (y - bias) f + bias   f [out]           ones
                       ia3_out    y' = y * l                 l [out]           ones
+                      tokens     rows ``idx`` of a table replaced (see TokensForm)   idx [k] int64, R [k, h]  k = 0
+
+Two forms sit on other sites (graph/op_sites.py): ``tokens`` on an embedding lookup (and on the
+Linear of a head tied to it), ``norm`` on a LayerNorm / RMSNorm::
+
+    norm       w' = w + dw, b' = b + db  (scale and shift)   dw, db [hidden]   zeros
 
 Which methods use which: LoRA/rsLoRA/VeRA/AdaLoRA/MiSS/HRA -> lora (scales, projections and
 reflections folded in numpy); DoRA -> lora + dora; BOFT -> rotate_in (one dense block) + dora;
-OFT -> rotate_in; IA3 -> ia3_in or ia3_out; LoHa/LoKr/FourierFT -> dense (no per-row form).
+OFT -> rotate_in; IA3 -> ia3_in or ia3_out; LoHa/LoKr/FourierFT -> dense (no per-row form);
+LN Tuning -> norm; Trainable Tokens (and LoRA's trainable_token_indices) -> tokens.
 """
 
 from __future__ import annotations
@@ -41,12 +48,15 @@ class SlotSpec:
     suffix: str
     shape: tuple[int | str, ...]
     default: str
+    dtype: str = ""  # "" = the model's float dtype; "int64" for token indices
 
 
 class Form(abc.ABC):
     name: ClassVar[str]
     stage: ClassVar[int]            # 0 input, 1 add, 2 output
     per_row: ClassVar[bool] = True  # has a per-row (bank) form
+    # the sites it is built on (graph/op_sites.py): "linear", "embedding", "norm"
+    site_kinds: ClassVar[tuple[str, ...]] = ("linear",)
 
     @abc.abstractmethod
     def slot_specs(self, module: str, in_features: int, out_features: int,
@@ -171,8 +181,88 @@ class RotateInForm(Form):
         g.x = g.op("Reshape", [rotated, g.op("Shape", [g.x], "rotate_shape")], "rotate_back")
 
 
+class TokensForm(Form):
+    """Rows ``idx [k]`` (int64) of a table replaced by ``R [k, h]``, exactly: with the one-hot
+    ``m = (ids == idx)`` ``[.., k]`` and ``hit = sum(m)`` ``[.., 1]`` (0 or 1)::
+
+        embedding lookup  y [.., h] = E[ids]:      y' = y - y * hit + m R
+        tied head         y [.., vocab] = x E^T:   y' = y - y * hit_col + (x R^T) m_col (+ bias * hit_col)
+                          (m_col [k, vocab] = (idx == range(vocab)), hit_col its column sums)
+
+    ``k = 0`` by default: nothing matches, ``y' = y``. Per row, banks pad ``idx`` with -1 (matches no
+    token) and ``R`` with zeros. Never a vocab-sized slot."""
+
+    name, stage, site_kinds = "tokens", 2, ("embedding", "linear")
+    INDICES, ROWS = "trainable_tokens.indices", "trainable_tokens.rows"
+
+    def slot_specs(self, module, in_features, out_features, example):
+        k = symbolic("tokens_k", module)
+        hidden = out_features if example is None else int(example[self.ROWS].shape[1])
+        return [SlotSpec(self.ROWS, (k, hidden), "zeros"), SlotSpec(self.INDICES, (k,), "minus_one", "int64")]
+
+    def build(self, g, v):
+        idx, rows = v[self.INDICES], v[self.ROWS]
+        if getattr(g.site, "kind", "linear") == "embedding":  # x: ids [..] ([batch, n] per row)
+            if g.batched:
+                idx = g.op("Unsqueeze", [idx, g.const([1])], "tokens_idx_rows")      # [b, 1, k]
+            ids = g.op("Unsqueeze", [g.x, g.const([-1])], "tokens_ids")            # [.., 1]
+            hot = g.op("Cast", [g.op("Equal", [ids, idx], "tokens_eq")], "tokens_hot", to=g.float_type)
+            hit = g.op("ReduceSum", [hot, g.const([-1])], "tokens_hit", keepdims=1)  # [.., 1]
+            new = g.op("MatMul", [hot, rows], "tokens_rows")                        # [.., h]
+        else:  # the Linear of a tied head: x [.., h], y [.., vocab]
+            cols = g.op("Range", [g.scalar(0), g.scalar(g.site.out_features), g.scalar(1)], "tokens_cols")
+            idx_col = g.op("Unsqueeze", [idx, g.const([-1])], "tokens_idx")            # [(b,) k, 1]
+            hot = g.op("Cast", [g.op("Equal", [idx_col, cols], "tokens_eq")], "tokens_hot", to=g.float_type)
+            hit = g.op("ReduceSum", [hot, g.const([-2])], "tokens_hit", keepdims=int(g.batched))
+            rows_t = g.op("Transpose", [rows], "tokens_rows_t", perm=[0, 2, 1] if g.batched else [1, 0])
+            new = g.op("MatMul", [g.op("MatMul", [g.x, rows_t], "tokens_proj"), hot], "tokens_cols_new")
+            if g.bias is not None:
+                new = g.op("Add", [new, g.op("Mul", [hit, g.bias], "tokens_bias")], "tokens_with_bias")
+        kept = g.op("Sub", [g.y, g.op("Mul", [g.y, hit], "tokens_drop")], "tokens_keep")
+        g.y = g.op("Add", [kept, new], "tokens_add")
+
+
+class NormForm(Form):
+    """LN Tuning's scale/shift differences ``dw, db [hidden]`` on a norm site (graph/op_sites.py).
+
+    One adapter: the node reads ``w + dw`` and ``b + db`` (two [hidden] Adds; zeros = the base).
+    Per row: the normalized ``x_hat`` (the decomposed norm's own input, or the fused op again
+    with unit scale and zero shift) gives ``y' = y + x_hat * dw_row + db_row``."""
+
+    name, stage, site_kinds = "norm", 2, ("norm",)
+    DW, DB = "ln_delta.weight", "ln_delta.bias"
+
+    def slot_specs(self, module, in_features, out_features, example):
+        specs = [SlotSpec(self.DW, (out_features,), "zeros")]
+        if example is None or self.DB in example:
+            specs.append(SlotSpec(self.DB, (out_features,), "zeros"))
+        return specs
+
+    def build(self, g, v):
+        site, dw, db = g.site, v[self.DW], v.get(self.DB)
+        if not g.batched:
+            g.replace_input(site.node, site.scale_index, g.op("Add", [site.scale, dw], "norm_scale"))
+            if db is not None and site.bias is not None:
+                g.replace_input(site.bias_node, site.bias_index, g.op("Add", [site.bias, db], "norm_shift"))
+            elif db is not None:
+                g.y = g.op("Add", [g.y, db], "norm_shift")
+            return
+        x_hat = g.x
+        if site.fused:  # the same normalization without its affine part
+            hidden = site.out_features
+            inputs = [g.x, g.array(np.ones(hidden))]
+            if site.node.op_type == "LayerNormalization":
+                inputs.append(g.array(np.zeros(hidden)))
+            attrs = {name: attr.value for name, attr in site.node.attributes.items()}
+            x_hat = g.op(site.node.op_type, inputs, "norm_x_hat", domain=site.node.domain, **attrs)
+        scale = g.op("Unsqueeze", [dw, g.const([1])], "norm_scale_rows")            # [b, 1, h]
+        g.y = g.op("Add", [g.y, g.op("Mul", [x_hat, scale], "norm_scale")], "norm_scale_add")
+        if db is not None:
+            g.y = g.op("Add", [g.y, g.op("Unsqueeze", [db, g.const([1])], "norm_shift_rows")], "norm_shift")
+
+
 FORMS: dict[str, Form] = {f.name: f for f in (Ia3InForm(), RotateInForm(), LoraForm(), DenseForm(),
-                                              DoraForm(), Ia3OutForm())}
+                                              DoraForm(), Ia3OutForm(), TokensForm(), NormForm())}
 
 
 def form(name: str) -> Form:
@@ -189,4 +279,6 @@ def default_array(shape: tuple[int, ...], default: str, dtype: Any) -> np.ndarra
         return np.ones(shape, dtype)
     if default == "identity":
         return np.broadcast_to(np.eye(shape[-1], dtype=dtype), shape).copy()
+    if default == "minus_one":  # token indices: -1 matches no token
+        return np.full(shape, -1, dtype)
     return np.zeros(shape, dtype)

@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from ..config import AdapterConfig, register_config
-from ..errors import AdapterConfigError
+from ..config import AdapterConfig, check_positive_ints, check_scale, register_config
+from ..errors import AdapterConfigError, IncompatibleAdapterError
 from ..targets import pattern_value
+from .trainable_tokens import LORA_DELTA, check_indices, replace_rows, token_slots
 
 _INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq")
 
@@ -52,12 +53,19 @@ class LoraConfig(AdapterConfig):
     alpha_pattern: dict[str, int | float] = field(default_factory=dict)
     use_dora: bool = False
     loftq_config: dict[str, Any] = field(default_factory=dict)  # LoftQConfig fields (init "loftq")
+    # rows of embeddings trained next to the LoRA weights (methods/trainable_tokens.py): a list for
+    # the input embedding, or {embedding module name: list}
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def validate(self) -> None:
         if dataclasses.is_dataclass(self.loftq_config):  # a LoftQConfig: stored as PEFT writes it
             self.loftq_config = dataclasses.asdict(self.loftq_config)
         if not isinstance(self.r, int) or self.r <= 0:
             raise AdapterConfigError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
+        check_positive_ints(self.rank_pattern, "LoraConfig.rank_pattern")
+        check_scale(self.lora_alpha, "LoraConfig.lora_alpha")
+        for key, alpha in (self.alpha_pattern or {}).items():
+            check_scale(alpha, f"LoraConfig.alpha_pattern[{key!r}]")
         if self.bias not in ("none", "all", "lora_only"):
             raise AdapterConfigError(
                 f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}"
@@ -78,6 +86,29 @@ class LoraConfig(AdapterConfig):
             raise AdapterConfigError(
                 "LoraConfig.layers_to_transform cannot be used when target_modules is a regex string"
             )
+        tokens = self.trainable_token_indices
+        if isinstance(tokens, dict):
+            for name, indices in tokens.items():
+                check_indices(indices, f"LoraConfig.trainable_token_indices[{name!r}]")
+        elif tokens is not None:
+            check_indices(tokens, "LoraConfig.trainable_token_indices")
+
+    def token_indices_for(self, module_path: str) -> list[int]:
+        """The token rows trained at embedding ``module_path`` (a dict key matches as a path suffix;
+        a list belongs to the one embedding the checkpoint holds rows for)."""
+        tokens = self.trainable_token_indices
+        if isinstance(tokens, dict):
+            for name, indices in tokens.items():
+                if module_path == name or module_path.endswith("." + name):
+                    return list(indices)
+            raise IncompatibleAdapterError(
+                f"module {module_path} has trained token rows but LoraConfig.trainable_token_indices names no "
+                f"such module ({sorted(tokens)}); the adapter_config.json does not belong to these weights")
+        if tokens is None:
+            raise IncompatibleAdapterError(
+                f"module {module_path} has trained token rows but LoraConfig.trainable_token_indices is not set; "
+                "the adapter_config.json does not belong to these weights")
+        return list(tokens)
 
     def rank_for(self, module_path: str) -> int:
         return int(pattern_value(self.rank_pattern or {}, module_path, self.r))
@@ -149,16 +180,33 @@ from .base import Method, register_method  # noqa: E402
 
 @register_method
 class LoraMethod(Method):
-    """LoRA/rsLoRA/DoRA on Linear and Conv1D: ``lora`` slots (A^T, (s B)^T), plus DoRA's factor."""
+    """LoRA/rsLoRA/DoRA on Linear and Conv1D: ``lora`` slots (A^T, (s B)^T), plus DoRA's factor;
+    embedding rows of ``trainable_token_indices``: ``tokens`` slots (methods/trainable_tokens.py)."""
 
     peft_type = "LORA"
     config_class = LoraConfig
     tuner_module = "onnx_peft.tuners.lora"
-    tensor_names = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_magnitude_vector.weight")
-    required_tensors = ("lora_A.weight", "lora_B.weight")
-    layer_attrs = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    tensor_names = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_magnitude_vector.weight",
+                    LORA_DELTA)
+    required_tensors = ()  # checked in group: a module has its token rows, or A and B
+    layer_attrs = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                   "trainable_tokens_delta")
+
+    def group(self, tensors, source="adapter", saved_modules=()):
+        out = super().group(tensors, source, saved_modules)
+        for module, parts in sorted(out.modules.items()):
+            if LORA_DELTA in parts:
+                continue
+            for needed in ("lora_A.weight", "lora_B.weight"):
+                if needed not in parts:
+                    from ..errors import CheckpointError
+
+                    raise CheckpointError(f"{source}: module {module} has no {needed}; the checkpoint is incomplete")
+        return out
 
     def features(self, config, module, parts):
+        if LORA_DELTA in parts:
+            return None
         a, b = parts["lora_A.weight"], parts["lora_B.weight"]
         return (int(a.shape[1]), int(b.shape[0])) if a.ndim == 2 and b.ndim == 2 else None
 
@@ -185,6 +233,8 @@ class LoraMethod(Method):
         return a, b
 
     def merged_weight(self, config, module, weight, bias, parts, shared):
+        if LORA_DELTA in parts:  # trained token rows replace the table's rows
+            return replace_rows(weight, config.token_indices_for(module), parts[LORA_DELTA]), bias
         a, b = parts["lora_A.weight"], parts["lora_B.weight"]
         delta = lora_delta_weight(a, b, config.scaling_for(module))
         magnitude = self._magnitude(parts)
@@ -193,6 +243,8 @@ class LoraMethod(Method):
         return dora_weight(weight, delta, magnitude), bias
 
     def slot_tensors(self, config, module, parts, shared, base_weight):
+        if LORA_DELTA in parts:
+            return {"tokens": token_slots(module, config.token_indices_for(module), parts[LORA_DELTA])}
         a, b = (np.asarray(t, np.float32) for t in self._checked(config, module, parts))
         scale = config.scaling_for(module)
         out = {"lora": {"lora_A.weight": np.ascontiguousarray(a.T),

@@ -28,8 +28,13 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from ..convert import PeftAdapter, adapter_slots
-from ..errors import CheckpointError, IncompatibleAdapterError, NoAdapterSitesError
+from ..convert import PeftAdapter, adapter_slots, float_dtype, mirror_tied
+from ..errors import (
+    AdapterConfigError,
+    CheckpointError,
+    IncompatibleAdapterError,
+    NoAdapterSitesError,
+)
 from ..formats import save_adapter_file, suffix_for
 from ..graph.branch import graft
 from ..graph.contract import (
@@ -42,6 +47,7 @@ from ..graph.contract import (
     write_contract,
 )
 from ..graph.modules import LinearSite, match_module
+from ..graph.op_sites import EmbeddingSite, find_sites, tied_heads
 from ..methods.forms import default_array, form
 from ..targets import is_target
 
@@ -69,7 +75,7 @@ class InsertAdapters(ir.passes.InPlacePass):
         if not adapters:
             raise ValueError("InsertAdapters needs at least one adapter")
         if mode == "in-graph" and len(adapters) != 1:
-            raise ValueError("mode='in-graph' bakes in exactly one adapter; use mode='slots' for several")
+            raise AdapterConfigError("mode='in-graph' bakes in exactly one adapter; use mode='slots' for several")
         self.mode = mode
         self.adapters = {
             name: a if isinstance(a, PeftAdapter) else PeftAdapter.read(name, a, allow_pickle)
@@ -78,6 +84,8 @@ class InsertAdapters(ir.passes.InPlacePass):
         self.contract: Contract | None = None
         self.module_maps: dict[str, dict[str, str]] = {}  # adapter -> {its module: graph module}
         self.base_weights: dict[str, np.ndarray] = {}  # module -> W [out, in] (lazy views), after the call
+        self.tied: dict[str, str] = {}  # tied head -> embedding whose token rows it mirrors
+        self._sites: dict[str, object] = {}
 
     def requires(self, model: ir.Model) -> None:
         contract = read_contract(model.metadata_props)
@@ -87,20 +95,24 @@ class InsertAdapters(ir.passes.InPlacePass):
             )
 
     def base_weight(self, module: str) -> np.ndarray:
-        if module not in self.base_weights:
+        """A Linear's ``W [out, in]``; an embedding's table; a norm's ``[scale, shift?]`` rows."""
+        if module in self.base_weights:
+            return np.asarray(self.base_weights[module], np.float32)
+        site = self._sites.get(module)
+        if site is None or isinstance(site, LinearSite):
             raise IncompatibleAdapterError(f"module {module}: its base weight is not a constant of the model")
-        return np.asarray(self.base_weights[module], np.float32)
+        return np.asarray(site.weight_out_in(), np.float32)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from ..graph.modules import find_linear_sites
-
-        sites = find_linear_sites(model)
-        if not sites:
+        sites = find_sites(model)
+        linear = {m: s for m, s in sites.items() if isinstance(s, LinearSite)}
+        if not linear:
             raise NoAdapterSitesError(
                 "the model has no linear layer (MatMul/Gemm with a constant weight) that could be "
                 "mapped to a module path; export it with module names kept (torch.onnx dynamo or Optimum)"
             )
-        self.base_weights = base_weights_out_in(sites)
+        self._sites = sites
+        self.base_weights = base_weights_out_in(linear)  # the fingerprint reads Linears only
         forms = self._forms_per_module(sites)
         slots: list[Slot] = []
         for module in sorted(forms):
@@ -122,13 +134,14 @@ class InsertAdapters(ir.passes.InPlacePass):
                     "cannot serve as a slot yet; export the model with this adapter (export --mode inputs "
                     "for LoRA adapters, --mode merged for any) or merge it (onnx-peft merge)")
             mapping = self.module_maps.setdefault(adapter.name, {})
+            token_rows: dict[str, str] = {}  # graph embedding -> the adapter module training its rows
             for module in sorted(adapter.modules):
                 target = match_module(module, sites)
                 if target is None:
                     near = [m for m in sites if m.rsplit(".", 1)[-1] == module.rsplit(".", 1)[-1]]
                     raise IncompatibleAdapterError(
-                        f"{adapter.source}: target module {module} has no linear layer in the model "
-                        f"(similar: {near[:3] or sorted(sites)[:3]}); is this adapter for another base model?")
+                        f"{adapter.source}: target module {module} has no linear, embedding or norm layer in the "
+                        f"model (similar: {near[:3] or sorted(sites)[:3]}); is this adapter for another base model?")
                 site = sites[target]
                 mapping[module] = target
                 features = adapter.method.features(adapter.config, module, adapter.modules[module])
@@ -139,7 +152,16 @@ class InsertAdapters(ir.passes.InPlacePass):
                         "the adapter was trained on another base model")
                 per_form = adapter.slot_tensors(module, lambda t=target: self.base_weight(t))
                 for name, tensors in per_form.items():
+                    _check_site_kind(adapter, target, site, name)
                     self._check_shapes(adapter, target, site, name, tensors, forms.setdefault(target, {}))
+                if "tokens" in per_form and isinstance(site, EmbeddingSite):
+                    token_rows[target] = module
+                    for head in tied_heads(sites, site):  # the head shares the table: same rows
+                        self.tied.setdefault(head, target)
+            for head, embedding in self.tied.items():
+                if embedding in token_rows and head not in mapping.values():
+                    tensors = adapter.slot_tensors(token_rows[embedding], lambda: None)["tokens"]
+                    self._check_shapes(adapter, head, sites[head], "tokens", tensors, forms.setdefault(head, {}))
             self._check_complete(adapter, sites, mapping)
         return {m: {f: example for f, (_, example) in by_form.items()} for m, by_form in forms.items()}
 
@@ -166,7 +188,9 @@ class InsertAdapters(ir.passes.InPlacePass):
         if targets is None or targets == "all-linear":
             return
         covered = set(mapping.values())
-        missing = sorted(m for m in sites if is_target(m, adapter.config) and m not in covered)
+        kinds = {type(sites[m]) for m in covered}  # a LoRA adapter targets Linears, LN Tuning norms, ...
+        missing = sorted(m for m in sites if is_target(m, adapter.config) and m not in covered
+                         and type(sites[m]) in kinds)
         if missing:
             raise CheckpointError(
                 f"{adapter.source}: the config targets {missing[0]} but the checkpoint has no tensors for it; "
@@ -184,24 +208,46 @@ class InsertAdapters(ir.passes.InPlacePass):
         built = []
         if self.mode == "in-graph":
             (adapter,) = self.adapters.values()
-            module = next(m for m, t in self.module_maps[adapter.name].items() if t == site.module)
-            per_form = adapter.slot_tensors(module, lambda: self.base_weight(site.module))
+            graph_module = site.module if site.module in self.module_maps[adapter.name].values() \
+                else self.tied[site.module]  # a tied head takes its embedding's rows
+            module = next(m for m, t in self.module_maps[adapter.name].items() if t == graph_module)
+            per_form = adapter.slot_tensors(module, lambda: self.base_weight(graph_module))
+            if graph_module != site.module:
+                per_form = {"tokens": per_form["tokens"]}
             for name, tensors in per_form.items():
-                values = {k: _initializer(graph, slot_name(site.module, k), np.asarray(v).astype(np_dtype))
+                values = {k: _initializer(graph, slot_name(site.module, k), _slot_dtype(np.asarray(v), np_dtype))
                           for k, v in tensors.items()}
                 built.append((form(name), values))
         else:
             for name, example in forms.items():
                 values = {}
                 for spec in form(name).slot_specs(site.module, site.in_features, site.out_features, example):
-                    slot = Slot(slot_name(site.module, spec.suffix), np_dtype.name, spec.shape, site.module,
-                                name, default=spec.default)
+                    slot_dtype = np.dtype(spec.dtype) if spec.dtype else np_dtype
+                    slot = Slot(slot_name(site.module, spec.suffix), slot_dtype.name, spec.shape, site.module,
+                                name, default=spec.default, tied_to=self.tied.get(site.module, ""))
                     shape = tuple(d if isinstance(d, int) else 0 for d in spec.shape)
-                    values[spec.suffix] = _slot_input(graph, slot, dtype, default_array(shape, spec.default, np_dtype))
+                    values[spec.suffix] = _slot_input(graph, slot, ir.DataType.from_numpy(slot_dtype),
+                                                      default_array(shape, spec.default, slot_dtype))
                     slots.append(slot)
                 built.append((form(name), values))
         graft(graph, site, built)
         return slots
+
+
+def _slot_dtype(array: np.ndarray, float_dtype: np.dtype) -> np.ndarray:
+    """A slot tensor in the model's float dtype; integer slots (token ids) stay int64."""
+    return array.astype(float_dtype if array.dtype.kind == "f" else np.int64)
+
+
+def _check_site_kind(adapter: PeftAdapter, module: str, site: object, name: str) -> None:
+    """The form must be one built on this kind of site (``Form.site_kinds``): ``norm`` on a norm,
+    ``tokens`` on an embedding or a Linear head, the rest on a Linear."""
+    kind = getattr(site, "kind", "linear")
+    fits = form(name).site_kinds
+    if kind not in fits:
+        raise IncompatibleAdapterError(
+            f"{adapter.source}: module {module} is a {kind} layer in the model but the adapter gives it {name} "
+            f"slots, which go on a {' or '.join(fits)} layer; is this adapter for another base model?")
 
 
 def _slot_input(graph: ir.Graph, slot: Slot, dtype: ir.DataType, default: np.ndarray) -> ir.Value:
@@ -228,7 +274,7 @@ def adapter_file_tensors(adapter: PeftAdapter, contract: Contract,
     ``base_weight(module) -> W [out, in]`` is needed by methods whose slots depend on it (DoRA,
     HRA). Slots of other forms at the same modules are left out: their defaults are no-ops.
     """
-    dtype = np.dtype(contract.slots[0].dtype) if contract.slots else np.float32
+    dtype = float_dtype(contract)
     if module_map is None:
         known = {s.module for s in contract.slots}
         module_map = {m: match_module(m, known) or m for m in adapter.modules}
@@ -237,7 +283,7 @@ def adapter_file_tensors(adapter: PeftAdapter, contract: Contract,
         raise IncompatibleAdapterError(f"{adapter.source}: module {module} needs its base weight, "
                                        "which is not a constant of the model")
 
-    tensors = adapter_slots(adapter, dtype, base_weight or no_base, module_map)
+    tensors = mirror_tied(adapter_slots(adapter, dtype, base_weight or no_base, module_map), contract)
     shapes = {n: (tuple(t.shape), t.dtype.name) for n, t in tensors.items()}
     check_adapter(contract, shapes, contract.fingerprint, source=adapter.source)
     return tensors
@@ -245,15 +291,18 @@ def adapter_file_tensors(adapter: PeftAdapter, contract: Contract,
 
 def insert_adapters(base_model_path: str | os.PathLike, adapters: Mapping[str, str | os.PathLike],
                     output_dir: str | os.PathLike, mode: Mode = "slots", allow_pickle: bool = False,
-                    adapter_format: str = "onnx_adapter") -> Path:
+                    adapter_format: str = "onnx_adapter", overwrite: bool = False) -> Path:
     """Base model + PEFT adapter dirs -> ``OUT/model.onnx`` (+ ``OUT/adapters/NAME.onnx_adapter``).
 
     Returns the path of the written model. Raises IncompatibleAdapterError naming the first
-    target module or tensor that does not fit the base model.
+    target module or tensor that does not fit the base model. A non-empty ``output_dir`` is
+    refused unless ``overwrite=True``, which replaces it whole.
     """
     from ..graph.io import load_model, save_model
+    from ..output_folder import check_output_folder, writing_folder
 
-    output_dir = Path(output_dir)
+    inputs = [base_model_path, *adapters.values()]
+    output_dir = check_output_folder(output_dir, inputs, overwrite)
     model = load_model(base_model_path)
     insert = InsertAdapters(adapters, mode=mode, allow_pickle=allow_pickle)
     files = {}
@@ -263,10 +312,10 @@ def insert_adapters(base_model_path: str | os.PathLike, adapters: Mapping[str, s
         # convert (and check) every adapter before anything is written
         files = {name: adapter_file_tensors(a, contract, insert.base_weight, insert.module_maps[name])
                  for name, a in insert.adapters.items()}
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model_path = save_model(result.model, output_dir / "model.onnx")
     suffix = suffix_for(adapter_format)
-    for name, tensors in files.items():
-        save_adapter_file(output_dir / "adapters" / f"{name}{suffix}", tensors, contract.fingerprint)
-    return model_path
+    with writing_folder(output_dir, inputs, overwrite) as staged:
+        save_model(result.model, staged / "model.onnx")
+        for name, tensors in files.items():
+            save_adapter_file(staged / "adapters" / f"{name}{suffix}", tensors, contract.fingerprint)
+    return output_dir / "model.onnx"
 

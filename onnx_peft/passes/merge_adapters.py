@@ -24,10 +24,12 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
-from ..errors import IncompatibleAdapterError, NoAdapterSitesError
+from ..errors import IncompatibleAdapterError, NoAdapterSitesError, UnsafePathError
 from ..graph.io import load_model, save_model
-from ..graph.modules import LinearSite, constant_array, find_linear_sites, match_module
+from ..graph.modules import LinearSite, constant_array, match_module
+from ..graph.op_sites import EmbeddingSite, NormSite, find_sites, tied_heads
 from ..graph.sites import AdapterBranch, find_adapter_branches, remove_branch, remove_dead
+from ..methods.forms import form
 from ..methods.lora import dora_weight
 
 if TYPE_CHECKING:
@@ -198,15 +200,19 @@ class MergeAdapters(InPlacePass):
             raise IncompatibleAdapterError(
                 f"{source}: the model already has adapter branches; merge those first (no --adapter)"
             )
-        sites = find_linear_sites(model)
+        sites = find_sites(model)
         unmapped = [m for m in adapter.modules if match_module(m, sites) is None]
         if unmapped:
             raise IncompatibleAdapterError(
-                f"{source}: {len(unmapped)} adapter target(s) match no Linear of the model, e.g. "
+                f"{source}: {len(unmapped)} adapter target(s) match no Linear, embedding or norm of the model, e.g. "
                 f"{', '.join(sorted(unmapped)[:3])}; the model has e.g. {', '.join(list(sites)[:3])}"
             )
+        targets = {match_module(m, sites) for m in adapter.modules}
         for module in sorted(adapter.modules):
             site = sites[match_module(module, sites)]
+            if not isinstance(site, LinearSite):
+                self._merge_op_site(model, adapter, module, site, sites, targets)
+                continue
             features = adapter.method.features(adapter.config, module, adapter.modules[module])
             if features is not None and features != (site.in_features, site.out_features):
                 raise IncompatibleAdapterError(
@@ -228,8 +234,51 @@ class MergeAdapters(InPlacePass):
             self.merged.append(module)
         self._replace_saved_modules(model, adapter, sites)
 
+    def _merge_op_site(self, model: ir.Model, adapter: PeftAdapter, module: str, site: object,
+                       sites: dict[str, object], targets: set[str | None]) -> None:
+        """A norm's scale/shift or an embedding's table takes the adapter's values (a head tied to
+        the embedding takes the same rows unless the adapter names it too)."""
+        kind = getattr(site, "kind", "linear")
+        for name in adapter.slot_tensors(module, site.weight_out_in):
+            if kind not in form(name).site_kinds:
+                raise IncompatibleAdapterError(
+                    f"{self.adapter_dir}: module {module} is a {kind} layer in the model, but the adapter's {name} "
+                    f"tensors go on a {' or '.join(form(name).site_kinds)} layer; is it for another base model?")
+        if isinstance(site, NormSite):
+            affine = site.affine()
+            if adapter.method.features(adapter.config, module, adapter.modules[module]) != (site.in_features,) * 2:
+                raise IncompatibleAdapterError(
+                    f"{self.adapter_dir}: module {module} was trained on a norm of another size than the model's "
+                    f"({site.in_features} features)")
+            scale, shift = adapter.merged_weight(module, affine[0], affine[1] if len(affine) > 1 else None)
+            set_node_constant(model.graph, site.node, site.scale_index, scale, f"{site.module}.weight.merged")
+            if shift is not None and site.bias is not None:
+                set_node_constant(model.graph, site.bias_node, site.bias_index, shift, f"{site.module}.bias.merged")
+            elif shift is not None:
+                raise IncompatibleAdapterError(
+                    f"{self.adapter_dir}: module {module} trains a norm shift but the model's norm has none")
+            self.merged.append(module)
+            return
+        table = site.weight
+        if not isinstance(site, EmbeddingSite) or table.const_value is None:
+            raise IncompatibleAdapterError(f"{self.adapter_dir}: module {module} cannot be merged into this graph")
+        old = table.const_value
+
+        def rows() -> ir.TensorProtocol:
+            merged = adapter.merged_weight(module, old.numpy().astype(np.float32), None)[0]
+            return ir.tensor(np.ascontiguousarray(merged).astype(old.dtype.numpy()), name=table.name)
+
+        table.const_value = ir.LazyTensor(rows, dtype=old.dtype, shape=old.shape, name=table.name)
+        self.merged.append(module)
+        for head in tied_heads(sites, site):  # tied word embeddings: the head's rows change too
+            if head not in targets:
+                set_merged_weight(model.graph, sites[head],
+                                  lambda w, module=module: np.asarray(adapter.merged_weight(module, w, None)[0]))
+                self.merged.append(head)
+
     def _replace_saved_modules(self, model: ir.Model, adapter: PeftAdapter, sites: dict[str, LinearSite]) -> None:
         """Modules trained in full (modules_to_save heads) take their trained weight and bias."""
+        sites = {m: s for m, s in sites.items() if isinstance(s, LinearSite)}
         for module, parts in sorted(adapter.tensors.full.items()):
             target = match_module(module, sites)
             weight = parts.get("weight")
@@ -244,13 +293,45 @@ class MergeAdapters(InPlacePass):
             self.merged.append(module)
 
 
+def set_node_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, name: str) -> None:
+    """Give ``node`` a constant of its own at input ``index`` (the old one may be shared: exporters
+    merge equal initializers, e.g. every fresh norm's ones)."""
+    old = node.inputs[index]
+    dtype = old.dtype or old.const_value.dtype
+    array = np.asarray(array, np.float32).reshape(old.shape if old.shape is not None else (-1,))
+    value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(array.shape),
+                     const_value=ir.tensor(array.astype(dtype.numpy()), name=name))
+    graph.register_initializer(value)
+    node.replace_input_with(index, value)
+    if old.is_initializer() and not old.uses() and not old.is_graph_input() and old.name in graph.initializers:
+        graph.initializers.pop(old.name)
+
+
 def merge_adapters(model_path: str | os.PathLike, output_path: str | os.PathLike,
-                   adapter_dir: str | os.PathLike | None = None) -> Path:
-    """Merge the adapters of ``model_path`` (or ``adapter_dir``) and save to ``output_path``."""
+                   adapter_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """Merge the adapters of ``model_path`` (or ``adapter_dir``) and save to ``output_path``.
+
+    ``output_path``: a ``.onnx`` file (weights in ``<file>.data`` beside it), or a folder that
+    gets ``model.onnx``. An existing file or non-empty folder is refused unless ``overwrite=True``
+    (a folder is then replaced whole). Returns the model path written."""
+    from ..output_folder import check_output_folder, writing_folder
+
+    output_path = Path(output_path)
+    is_folder = output_path.suffix != ".onnx"
+    inputs = [model_path] + ([adapter_dir] if adapter_dir is not None else [])
+    if is_folder:
+        check_output_folder(output_path, inputs, overwrite)
+    elif output_path.exists() and not overwrite:
+        raise UnsafePathError(f"{output_path} exists; choose a new file, or pass overwrite=True to replace it")
     model = load_model(model_path)
     merge = MergeAdapters(adapter_dir=adapter_dir)
     merge(model)
-    path = save_model(model, output_path, external_data=True)
+    if is_folder:
+        with writing_folder(output_path, inputs, overwrite) as staged:
+            save_model(model, staged / "model.onnx", external_data=True)
+        path = output_path / "model.onnx"
+    else:
+        path = save_model(model, output_path, external_data=True)
     if merge.requantization_errors:  # known once the lazy weights were written
         module, error = max(merge.requantization_errors.items(), key=lambda item: item[1])
         logging.getLogger(__name__).info("requantizing %d merged 4-bit weights added at most %.3g (%s)",

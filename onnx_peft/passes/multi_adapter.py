@@ -8,6 +8,8 @@ becomes a bank input holding one row per loaded adapter, gathered by the row's a
     <module>.lora_A.bank [N, in, r]  -Gather(ids)->  A_row [batch, in, r]
     y = x W + MatMul(MatMul(x [batch, seq, in], A_row), B_row)          (lora, per row)
     y = x W * Unsqueeze(l_row, 1)                                       (ia3_out, per row)
+    y = E[ids] - E[ids] * hit_row + (ids == idx_row) R_row              (tokens: idx padded with -1)
+    y = norm(x) + x_hat * dw_row + db_row                               (norm: LN Tuning)
 
 Banks hold every loaded adapter at its own row (smaller ranks padded with zeros, which adds exact
 zeros; rows of adapters without a slot hold its no-op default), so each row's output equals
@@ -44,7 +46,7 @@ from ..errors import NoAdapterSitesError, OnnxPeftError
 from ..graph.banks import MULTI_ADAPTER_KEY, BankEntry, MultiLayout
 from ..graph.branch import graft, ungraft
 from ..graph.contract import FULL_WEIGHT_METHOD, Slot, read_contract
-from ..graph.modules import find_linear_sites
+from ..graph.op_sites import find_sites
 from ..graph.sites import remove_dead
 from ..methods.forms import default_array, form
 
@@ -103,13 +105,13 @@ class MultiAdapterPass(ir.passes.InPlacePass):
             if not ungraft(graph, module) and not _ungraft_untagged_lora(graph, module, forms, inputs):
                 raise NoAdapterSitesError(f"module {module}: its adapter branch is not one onnx-peft built, nor "
                                           "Add(base, MatMul(MatMul(x, A), B)); insert the adapters again")
-        sites = find_linear_sites(model)
+        sites = find_sites(model)  # Linears, embeddings (tokens) and norms (LN Tuning)
         gathers: list[ir.Node] = []
         for module, forms in sorted(by_module.items()):
             site = sites.get(module)
             if site is None:
-                raise NoAdapterSitesError(f"module {module}: no Linear with a constant weight left after "
-                                          "removing its branch")
+                raise NoAdapterSitesError(f"module {module}: no Linear, embedding or norm with a constant weight "
+                                          "left after removing its branch")
             built = []
             for name, slots in forms.items():
                 values = {}
@@ -293,12 +295,14 @@ def _consumer(value: ir.Value, ops: tuple[str, ...]) -> tuple[ir.Node | None, in
 
 
 def multi_adapter(model_path: str | os.PathLike, output_dir: str | os.PathLike,
-                  ids_input: str = "adapter_ids") -> Path:
-    """Write ``output_dir/model.onnx``: the slot model at ``model_path`` with per-row banks."""
-    from ..graph.io import load_model, save_model
+                  ids_input: str = "adapter_ids", overwrite: bool = False) -> Path:
+    """Write ``output_dir/model.onnx``: the slot model at ``model_path`` with per-row banks.
 
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    A non-empty ``output_dir`` is refused unless ``overwrite=True``, which replaces it whole."""
+    from ..graph.io import load_model, save_model
+    from ..output_folder import check_output_folder, writing_folder
+
+    output_dir = check_output_folder(output_dir, [model_path], overwrite)
     model = load_model(model_path)
     try:
         MultiAdapterPass(ids_input)(model)
@@ -306,4 +310,6 @@ def multi_adapter(model_path: str | os.PathLike, output_dir: str | os.PathLike,
         if isinstance(exc.__cause__, OnnxPeftError):
             raise type(exc.__cause__)(f"{model_path}: {exc.__cause__}") from exc.__cause__
         raise
-    return save_model(model, output_dir / "model.onnx")
+    with writing_folder(output_dir, [model_path], overwrite) as staged:
+        save_model(model, staged / "model.onnx")
+    return output_dir / "model.onnx"

@@ -370,6 +370,41 @@ def add_lora_adapter(layer: LoraLayer, adapter_name: str, config: LoraConfig, mo
     )
 
 
+def before_inject(base_model: nn.Module, adapter_name: str, config: LoraConfig) -> None:
+    """``trainable_token_indices``: the named embeddings (a list: the input embedding) train those
+    rows too, kept in ``<embedding>.token_adapter`` as PEFT keeps them (tuners/trainable_tokens.py)."""
+    tokens = config.trainable_token_indices
+    if tokens is None:
+        return
+    from .trainable_tokens import TiedTokensLayer, wrap_tokens
+
+    model = base_model.model
+    if not isinstance(tokens, dict):
+        inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        path = next((n for n, m in model.named_modules() if m is inputs), None) if inputs is not None else None
+        tokens = {path or "embed_tokens": tokens}
+    for name, indices in tokens.items():
+        paths = [p for p, _ in model.named_modules() if p == name or p.endswith("." + name)]
+        paths = [p for p in paths if not _inside_wrapper(model, p)]
+        if len(paths) != 1:
+            raise AdapterConfigError(
+                f"LoraConfig.trainable_token_indices names {name!r}, which matches {len(paths) or 'no'} module(s) "
+                f"of {type(model).__name__}{': ' + ', '.join(paths[:3]) if paths else ''}; name one embedding")
+        if isinstance(model.get_submodule(paths[0]), TiedTokensLayer):
+            continue  # a head tied to an embedding listed too: it follows that embedding's rows
+        wrap_tokens(model, paths[0], adapter_name, list(indices), True, lora_style=True)
+
+
+def _inside_wrapper(model: nn.Module, path: str) -> bool:
+    """True for a module inside an adapter layer (``embed_tokens.base_layer``): not a target."""
+    module = model
+    for part in path.split(".")[:-1]:
+        module = getattr(module, part)
+        if isinstance(module, AdapterLayer):
+            return True
+    return False
+
+
 # The tuner seam (see onnx_peft.methods.base): what PeftModel asks every method's torch module.
 Layer = LoraLayer
 make_layer = make_lora_layer
