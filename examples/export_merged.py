@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # a PeftModel in memory -> one merged ONNX model (the Python objects are left unchanged)
     base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=want.shape[-1])
     peft_model = PeftModel.from_pretrained(base, adapter_dir).eval()
-    path = export(peft_model, work / "merged", task="sequence-classification", mode="merged")
+    path = export(peft_model, work / "merged", task="sequence-classification", mode="merged",
+                  overwrite=True)
 
     session = AdapterSession(path)
     (got,) = session.run(["logits"], common.only_inputs(feeds, session.input_names))

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     get_peft_model(LlamaForCausalLM.from_pretrained(work / "tiny-llama"), config).save_pretrained(work / "chat")
 
     path = export(work / "tiny-llama", work / "onnx", adapters={"chat": work / "chat"}, task="causal-lm-with-past",
-                  mode="inputs")
+                  mode="inputs", overwrite=True)
     session = AdapterSession(path)
     session.load_adapter("chat", path.parent / "adapters" / "chat.onnx_adapter")
     prompt = np.array([[1, 5, 9, 3, 7]], dtype=np.int64)

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                       input_names=names, output_names=["logits"], dynamic_shapes=[{0: batch, 1: seq}] * 3, verbose=False)
 
     # 2. here: graft slots for every adapter onto it, then swap adapters per run
-    path = insert_adapters(work / "base.onnx", adapters, work / "inserted")
+    path = insert_adapters(work / "base.onnx", adapters, work / "inserted", overwrite=True)
     session = AdapterSession(path)
     results = {}
     for name in adapters:

@@ -21,8 +21,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     work = common.work_dir(args.work_dir)
     base_dir, adapters = common.base_and_adapters(work, args.from_demo)
-    slots = export(base_dir, work / "slots", adapters=adapters, task="sequence-classification", mode="inputs")
-    multi = AdapterSession(multi_adapter(slots, work / "multi"))
+    slots = export(base_dir, work / "slots", adapters=adapters, task="sequence-classification", mode="inputs",
+                   overwrite=True)
+    multi = AdapterSession(multi_adapter(slots, work / "multi", overwrite=True))
     single = AdapterSession(slots)
     for name in adapters:
         for session in (multi, single):

@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     work = common.work_dir(args.work_dir)
     base_dir, adapters = common.base_and_adapters(work, args.from_demo)
-    path = export(base_dir, work / "slots", adapters=adapters, task="sequence-classification", mode="inputs")
+    path = export(base_dir, work / "slots", adapters=adapters, task="sequence-classification", mode="inputs",
+                  overwrite=True)
 
     session = AdapterSession(path)
     for name in adapters:

@@ -9,14 +9,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
+
 from .errors import AdapterConfigError
 
 CONFIG_NAME = "adapter_config.json"
+# adapter_config.json files are a few KB; a bigger one is not a config (and json.loads of it is slow)
+MAX_CONFIG_BYTES = 16 * 2**20
+# |alpha| above this overflows fp16 outputs and is far beyond any trained adapter (PEFT uses 8..1024)
+MAX_SCALE = 1e6
+_FLOAT32_MAX = 3.4028234663852886e38
+# fields whose string (or list entries / dict keys) are regexes matched against module paths
+_PATTERN_FIELDS = ("target_modules", "exclude_modules", "feedforward_modules", "layers_pattern", "modules_to_save",
+                   "rank_pattern", "alpha_pattern", "n_frequency_pattern")
 
 # peft_type -> config class; filled by @register_config in each method module.
 _CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {}
@@ -73,7 +85,16 @@ class AdapterConfig:
             value = getattr(self, name, None)
             if isinstance(value, (set, tuple)):  # PEFT writes module lists as JSON lists
                 setattr(self, name, sorted(value))
-        self.validate()
+        try:  # the method's own checks first: their messages are the most specific
+            self.validate()
+        except AdapterConfigError:
+            raise
+        except Exception as exc:  # validate() tripped over a wrongly typed value: say which field
+            check_field_types(self)
+            raise AdapterConfigError(f"{type(self).__name__}: invalid field value ({type(exc).__name__}: "
+                                     f"{str(exc)[:200]})") from exc
+        check_field_types(self)  # then what PEFT's annotations allow, for every field
+        check_field_patterns(self)
 
     def validate(self) -> None:
         """Check field values; raise AdapterConfigError naming the field."""
@@ -96,7 +117,12 @@ class AdapterConfig:
         peft_type = data.pop("peft_type", None) or cls.peft_type
         if not peft_type:
             raise AdapterConfigError(f"{source}: missing 'peft_type'; is this a PEFT adapter config?")
-        target = config_class(str(peft_type).upper())
+        if not isinstance(peft_type, str):
+            raise AdapterConfigError(f"{source}: 'peft_type' must be a string such as \"LORA\", got {peft_type!r:.60}")
+        try:
+            target = config_class(peft_type.upper())
+        except AdapterConfigError as exc:
+            raise AdapterConfigError(f"{source}: {exc}") from None
         if cls.peft_type and not issubclass(target, cls):
             raise AdapterConfigError(f"{source}: peft_type {peft_type!r} is not a {cls.__name__}")
         names = {f.name for f in dataclasses.fields(target)} - {"extra"}
@@ -110,8 +136,10 @@ class AdapterConfig:
                 )
         try:
             return target(**known, extra=extra)
-        except TypeError as exc:
+        except AdapterConfigError as exc:
             raise AdapterConfigError(f"{source}: {exc}") from exc
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:  # a validate() tripped on a wrong type
+            raise AdapterConfigError(f"{source}: invalid field value ({type(exc).__name__}: {exc})") from exc
 
     def save(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / CONFIG_NAME
@@ -128,9 +156,139 @@ class AdapterConfig:
         if not path.is_file():
             raise AdapterConfigError(f"{path}: no adapter config found; expected a PEFT adapter directory")
         try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise AdapterConfigError(f"{path}: not valid JSON ({exc})") from exc
+            size = path.stat().st_size
+            if size > MAX_CONFIG_BYTES:
+                raise AdapterConfigError(f"{path}: {size} bytes is too large for an adapter config "
+                                         f"(limit {MAX_CONFIG_BYTES}); is this the right file?")
+            data = json.loads(path.read_bytes())
+        except OSError as exc:
+            raise AdapterConfigError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
+            raise AdapterConfigError(f"{path}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from exc
         if not isinstance(data, dict):
             raise AdapterConfigError(f"{path}: expected a JSON object")
         return cls.from_dict(data, source=str(path))
+
+
+# -- field checks shared by every config ---------------------------------------------------------
+def check_field_types(config: AdapterConfig) -> None:
+    """Refuse values PEFT's dataclass annotations do not allow, naming the field.
+
+    JSON gives ``true`` for an int, ``"no"`` for a bool, ``4.5`` for a rank, ``NaN`` for alpha;
+    Python's truthiness and ``int()`` would silently compute something else. An int is fine
+    where a float is expected (JSON writes ``16`` for ``16.0``); ``None`` is fine for list/dict
+    fields (older PEFT versions write ``null`` for an empty pattern). Floats must be finite and
+    within float32 range, since every weight ends up in float32 or lower.
+    """
+    cls = type(config).__name__
+    for f in dataclasses.fields(config):
+        if f.name == "extra":
+            continue
+        value = getattr(config, f.name)
+        annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "Any")
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            continue  # e.g. a LoftQConfig object given in Python; validate() converts it
+        if not _matches(value, annotation):
+            raise AdapterConfigError(f"{cls}.{f.name} must be {annotation}, got {_short(value)}")
+        bad = _bad_float(value)
+        if bad is not None:
+            raise AdapterConfigError(f"{cls}.{f.name} must hold finite numbers within float32 (ints: int64) range, got {bad!r}")
+
+
+def check_scale(value: Any, where: str) -> None:
+    """An alpha / scaling value: a finite number with ``|value| <= MAX_SCALE``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not abs(float(value)) <= MAX_SCALE:
+        raise AdapterConfigError(f"{where} must be a number with |value| <= {MAX_SCALE:g}, got {_short(value)}")
+
+
+def check_positive_ints(values: dict[str, Any], where: str) -> None:
+    """Every value of a ``rank_pattern``-like dict is a positive int (``4.5`` is refused, not truncated)."""
+    for key, value in (values or {}).items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+            raise AdapterConfigError(f"{where}[{key!r}] must be a positive integer, got {_short(value)}")
+
+
+def check_field_patterns(config: AdapterConfig) -> None:
+    """Compile every regex a config matches module paths with, so a hostile or invalid one fails
+    here (AdapterConfigError naming the field) instead of hanging or raising re.error later."""
+    from .targets import checked_pattern
+
+    cls = type(config).__name__
+    for name in _PATTERN_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, str):
+            if name in ("target_modules", "exclude_modules", "feedforward_modules", "layers_pattern"):
+                checked_pattern(value, f"{cls}.{name}")
+        elif isinstance(value, dict) and not any(isinstance(v, list) for v in value.values()):
+            for key in value:  # (AdaLoRA's rank_pattern maps exact names to masks: not regexes)
+                checked_pattern(key, f"{cls}.{name}")
+        elif isinstance(value, list) and name in ("layers_pattern", "modules_to_save"):
+            for entry in value:
+                checked_pattern(entry, f"{cls}.{name}")
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == sep and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return parts
+
+
+def _matches(value: Any, annotation: str) -> bool:
+    """Whether ``value`` fits a string annotation such as ``list[int] | int | None``."""
+    alternatives = _split_top(annotation, "|")
+    if len(alternatives) > 1:
+        return any(_matches(value, alt) for alt in alternatives)
+    head, _, rest = annotation.partition("[")
+    args = _split_top(rest[:-1], ",") if rest else []
+    if head == "None":
+        return value is None
+    if head == "bool":
+        return isinstance(value, (bool, np.bool_))
+    if head == "int":
+        return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    if head == "float":
+        return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if head == "str":
+        return isinstance(value, (str, os.PathLike))
+    if head in ("list", "tuple", "set", "Sequence"):
+        if value is None:
+            return True
+        if not isinstance(value, (list, tuple, set, range)):
+            return False
+        item = args[0] if args and head != "tuple" else "Any"
+        return all(_matches(v, item) for v in value)
+    if head in ("dict", "Mapping"):
+        if value is None:
+            return True
+        if not isinstance(value, dict):
+            return False
+        key_type, value_type = (args + ["Any", "Any"])[:2] if args else ("Any", "Any")
+        return all(_matches(k, key_type) and _matches(v, value_type) for k, v in value.items())
+    return True  # Any, or a type we do not model
+
+
+def _bad_float(value: Any) -> float | None:
+    """The first non-finite or beyond-float32 float (or beyond-int64 int) inside ``value``."""
+    if isinstance(value, (float, np.floating)):
+        return None if math.isfinite(value) and abs(value) <= _FLOAT32_MAX else float(value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        return None if abs(int(value)) < 2**63 else value  # no field needs more than int64
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            bad = _bad_float(item)
+            if bad is not None:
+                return bad
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -48,6 +48,7 @@ from .graph.contract import (
     strip_peft_prefix,
 )
 from .methods.base import AdapterTensors, Method, method_for
+from .safe_write import refuse_overwriting_inputs
 
 _DTYPES = {"float32": np.float32, "fp32": np.float32, "float16": np.float16, "fp16": np.float16}
 
@@ -252,6 +253,20 @@ def base_weight_reader(model: Any) -> Any:
     return read
 
 
+def _input_files(adapter: Path, model_path: str | os.PathLike | None) -> list[Path]:
+    """What convert-adapters reads: the adapter file, or the PEFT files of an adapter dir (and of
+    its subfolders: X-LoRA's experts); the model and its usual data files."""
+    files = [adapter]
+    if adapter.is_dir():
+        files += [p for pattern in ("*", "*/*") for p in adapter.glob(pattern)
+                  if p.name.startswith(("adapter_config", "adapter_model")) or p.name == "labels.json"]
+    if model_path is not None:
+        model_path = Path(model_path)
+        files += [model_path, model_path.with_name(model_path.name + ".data"),
+                  model_path.with_name(model_path.name + ".adapter.data")]
+    return files
+
+
 def _is_slot_file(tensors: Mapping[str, np.ndarray]) -> bool:
     return bool(tensors) and not any(k.startswith(PEFT_PREFIX) for k in tensors)
 
@@ -272,9 +287,14 @@ def convert_adapters(adapter: str | os.PathLike, model_path: str | os.PathLike |
     adapter = Path(adapter)
     from .prompt_feeds import convert_prompt_adapter
 
+    refuse_overwriting_inputs([output_path], _input_files(adapter, model_path))
     if convert_prompt_adapter(adapter, model_path, output_path, dtype, format, allow_pickle):
         return Path(output_path)  # a prompt-learning adapter: its tensors are the graph's prompt inputs
     model, contract = _model_contract(model_path) if model_path is not None else (None, None)
+    if model is not None:  # every data file the model's weights are read from (DoRA, HRA, ...)
+        from .graph.io import external_files
+
+        refuse_overwriting_inputs([output_path], external_files(model))
     fingerprint = contract.fingerprint if contract is not None else ""
     if dtype is None:
         dtype = float_dtype(contract).name
@@ -289,7 +309,10 @@ def convert_adapters(adapter: str | os.PathLike, model_path: str | os.PathLike |
         if variant is not None:
             raise IncompatibleAdapterError(
                 f"{adapter}: a slot file is one adapter; variant={variant!r} applies to PEFT adapter directories")
-        slots, file_fingerprint = load_adapter_file(adapter)
+        from .graph.contract import header_check
+
+        check = header_check(contract, str(adapter), converting=True) if contract is not None else None
+        slots, file_fingerprint = load_adapter_file(adapter, check=check)
         if not _is_slot_file(slots):
             raise CheckpointError(
                 f"{adapter}: holds PEFT-named tensors (base_model.model.*) without their "

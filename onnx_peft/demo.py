@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one epoch, fewer timing runs (for tests)")
     parser.add_argument("--reuse", action="store_true", help="reuse adapters already trained in --output-dir")
     args = parser.parse_args(argv)
-    run_demo(Path(args.output_dir), epochs=1.0 if args.quick else args.epochs, rounds=5 if args.quick else 30,
-             reuse=args.reuse)
+    from .cli.messages import one_line
+    from .errors import require_torch
+
+    try:
+        require_torch()
+        run_demo(Path(args.output_dir), epochs=1.0 if args.quick else args.epochs,
+                 rounds=5 if args.quick else 30, reuse=args.reuse)
+    except Exception as exc:  # one line, like the CLI (ImportError: the pip install line)
+        print(f"{parser.prog}: error: {one_line(exc)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -134,10 +143,12 @@ def run_demo(out: Path, epochs: float = 3.0, rounds: int = 30, reuse: bool = Fal
     adapter_dirs = {task: out / "adapters_peft" / task for task in TASKS}
 
     print("\n== exporting the base once, with adapter slots; each adapter as .onnx_adapter")
-    model_path = export(base, out / "onnx", adapters=adapter_dirs, task="sequence-classification", mode="inputs")
-    multi_path = multi_adapter(model_path, out / "onnx-multi")
+    # the demo owns these folders: a second run replaces them whole
+    model_path = export(base, out / "onnx", adapters=adapter_dirs, task="sequence-classification", mode="inputs",
+                        overwrite=True)
+    multi_path = multi_adapter(model_path, out / "onnx-multi", overwrite=True)
     merged_path = export(base, out / "onnx-merged-sentiment", task="sequence-classification", mode="merged",
-                         adapters={"sentiment": adapter_dirs["sentiment"]})
+                         adapters={"sentiment": adapter_dirs["sentiment"]}, overwrite=True)
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     session = AdapterSession(model_path)

@@ -43,6 +43,10 @@ class UnsafePathError(OnnxPeftError):
     """A path escapes its folder, or an output would overwrite an input."""
 
 
+class OutputError(OnnxPeftError, OSError):
+    """An output cannot be written: disk full, read-only file system, no permission."""
+
+
 class RecipeError(OnnxPeftError, ValueError):
     """A pass recipe names an unknown pass type or option."""
 

@@ -23,8 +23,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -34,10 +33,13 @@ from .checkpoint import (
     atomic_write_bytes,
     load_adapter_weights,
     read_safetensors,
+    read_safetensors_header,
     write_safetensors,
 )
 from .config import CONFIG_NAME, AdapterConfig
-from .errors import CheckpointError, OnnxPeftError, require_onnxruntime
+from .errors import CheckpointError, OnnxPeftError, OutputError, require_onnxruntime
+from .npz import read_npz
+from .safe_write import honour_umask, open_temp_file, refuse_folders_in_the_way
 
 AdapterFileFormat = Literal["onnx_adapter", "safetensors", "npz"]
 
@@ -114,14 +116,22 @@ def resolve_fingerprint(file_fingerprint: str, model_fingerprint: str) -> str:
 # -- atomic output -----------------------------------------------------------------------------
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path next to ``path``; rename it over ``path`` only if the block succeeds."""
+    """Yield a temp path next to ``path``; rename it over ``path`` (with the umask's permissions)
+    only if the block succeeds. A failure of the block or the rename leaves ``path`` as it was;
+    one that is not an OnnxPeftError becomes an OutputError naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    refuse_folders_in_the_way([path])
+    fd, tmp = open_temp_file(path)
     os.close(fd)
     try:
-        yield Path(tmp)
+        yield tmp
+        honour_umask(tmp)
         os.replace(tmp, path)
+    except OnnxPeftError:
+        raise
+    except Exception as exc:  # OSError (disk full), onnxruntime's RuntimeError on a failed write
+        raise OutputError(f"{path}: could not write it ({type(exc).__name__}: {str(exc)[:200]}); free some "
+                          "space or choose another output path") from exc
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -157,33 +167,51 @@ def save_adapter_file(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
 
 
 # -- read --------------------------------------------------------------------------------------
-def load_adapter_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str]:
+def load_adapter_file(path: str | os.PathLike,
+                      check: Callable[[dict[str, tuple[tuple[int, ...], str]]], None] | None = None
+                      ) -> tuple[dict[str, np.ndarray], str]:
     """Read an adapter file written by us (or ``olive convert-adapters``): (tensors, fingerprint).
 
     The fingerprint is "" when the file records none; ``"ort31:..."`` for .onnx_adapter files.
+    ``check`` (e.g. ``lambda header: check_adapter(contract, header, source=path)``) sees
+    ``{name: (shape, dtype name)}`` before tensor data is read (npz, safetensors), so a file that
+    claims a huge tensor the model has no room for is refused without inflating it. Arrays come
+    back in native byte order. Every failure is a CheckpointError (or what ``check`` raises).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such adapter file")
     kind = format_for_path(path)
     if kind == "safetensors":
+        header, metadata = read_safetensors_header(path)
+        if check is not None:
+            check(header)
         tensors, metadata = read_safetensors(path)
-        return tensors, metadata.get(FINGERPRINT_META, "")
-    if kind == "npz":
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                tensors = {name: data[name] for name in data.files}
-        except Exception as exc:  # zipfile.BadZipFile, ValueError (pickled entries), OSError
-            raise CheckpointError(f"{path}: not a readable .npz adapter file ({exc})") from exc
+        fingerprint = metadata.get(FINGERPRINT_META, "")
+    elif kind == "npz":
+        tensors = read_npz(path, string_keys=(NPZ_FINGERPRINT_KEY,), check=check)
         fingerprint = tensors.pop(NPZ_FINGERPRINT_KEY, np.array(""))
-        return tensors, str(fingerprint)
+        if fingerprint.dtype.kind not in "US" or fingerprint.ndim != 0:
+            raise CheckpointError(f"{path}: entry {NPZ_FINGERPRINT_KEY!r} must be a 0-d string")
+        fingerprint = str(fingerprint)
+    else:
+        tensors, fingerprint = _read_onnx_adapter(path)
+        if check is not None:
+            check({name: (tuple(a.shape), a.dtype.name) for name, a in tensors.items()})
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no adapter tensors; convert the adapter again")
+    return tensors, fingerprint
+
+
+def _read_onnx_adapter(path: Path) -> tuple[dict[str, np.ndarray], str]:
     ort = require_onnxruntime()
     try:
         adapter = ort.AdapterFormat.read_adapter(str(path))
-        tensors = {name: np.array(value.numpy()) for name, value in adapter.get_parameters().items()}
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable .onnx_adapter file ({exc})") from exc
-    version = int(adapter.get_model_version())
+        tensors = {str(name): np.array(value.numpy()) for name, value in adapter.get_parameters().items()}
+        version = int(adapter.get_model_version())
+    except Exception as exc:  # onnxruntime raises RuntimeError / its own Fail for unparsable files
+        raise CheckpointError(f"{path}: not a readable .onnx_adapter file ({type(exc).__name__}: "
+                              f"{str(exc)[:200]})") from exc
     return tensors, f"{SHORT_PREFIX}{version:08x}" if version else ""
 
 
@@ -201,4 +229,8 @@ def read_peft_adapter(directory: str | os.PathLike, allow_pickle: bool = False
             "(adapter_config.json + adapter_model.safetensors)"
         )
     config = AdapterConfig.from_pretrained(directory)
-    return config, load_adapter_weights(directory, allow_pickle=allow_pickle)
+    tensors = load_adapter_weights(directory, allow_pickle=allow_pickle)
+    if not tensors:  # (PeftModel.from_pretrained reads X-LoRA dirs, which may be empty, without this check)
+        raise CheckpointError(f"{directory}: the adapter weights hold no tensors; the adapter was saved empty "
+                              "or truncated, save it again")
+    return config, tensors

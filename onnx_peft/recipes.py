@@ -13,7 +13,10 @@ Step kinds: ``LoRA`` trains an adapter on the HF model (Olive's LoRA pass), ``On
 exports it, and the graph steps (``MergeAdapterWeights``, ``ExtractAdapters``,
 ``InsertAdapters``, ``MultiAdapter``) run back to back as one ``onnx_ir`` PassManager on the
 loaded model, saved once. Every step's type and options are checked before any work starts;
-a mistake lists the valid names. Paths in a recipe are relative to the recipe file.
+a mistake lists the valid names. Paths in a recipe are relative to the recipe file; a shipped
+recipe (``onnx-peft run merge``: a name from ``onnx_peft/recipes/``, with or without ``.json``)
+takes its paths relative to the current folder. The output folder is built beside ``output_dir``
+and swapped in whole when every step has run (a non-empty one needs ``overwrite=True``).
 """
 
 from __future__ import annotations
@@ -98,13 +101,19 @@ def _onnx_conversion(options: dict[str, Any], state: RecipeState) -> None:
 
 
 def _merge(options: dict[str, Any], state: RecipeState) -> Any:
+    """Merge the graph's own adapter branches, or the one adapter the recipe (or --adapter) names."""
     from .passes.merge_adapters import MergeAdapters
 
     adapter = options["adapter"]
-    if adapter is not None and adapter not in state.adapters:
-        adapter_dir = Path(adapter)
+    if adapter is None and len(state.adapters) > 1:
+        raise RecipeError(f"MergeAdapterWeights merges one adapter, the recipe has {len(state.adapters)} "
+                          f"({', '.join(state.adapters)}); name one with \"adapter\": NAME")
+    if adapter is None:
+        adapter_dir = next(iter(state.adapters.values()), None)
+    elif adapter in state.adapters:
+        adapter_dir = state.adapters[adapter]
     else:
-        adapter_dir = state.adapters.get(adapter) if adapter else None
+        adapter_dir = Path(adapter)
     return MergeAdapters(adapter_dir=adapter_dir)
 
 
@@ -197,21 +206,32 @@ def _steps(recipe: Mapping[str, Any], source: str) -> list[tuple[str, dict[str, 
     return steps
 
 
+def shipped_recipes() -> list[str]:
+    """Names of the recipes shipped in ``onnx_peft/recipes/`` (``merge``, ``insert``...)."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.json"))
+
+
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a recipe file (a path, or the name of a shipped recipe such as ``merge.json``)."""
+    """Read a recipe file: a path, or a shipped recipe's name (``merge`` or ``merge.json``).
+
+    A shipped recipe's relative paths are taken from the current folder, not the package's."""
     path = Path(path)
-    if not path.exists() and (RECIPES_DIR / path.name).exists():
-        path = RECIPES_DIR / path.name
+    base_dir = None
+    if not path.exists() and path.parent == Path(".") and path.stem in shipped_recipes() \
+            and path.suffix in ("", ".json"):
+        path, base_dir = RECIPES_DIR / f"{path.stem}.json", Path.cwd()
+    elif path.is_dir():
+        raise RecipeError(f"{path}: is a folder; give a recipe .json file or one of: {', '.join(shipped_recipes())}")
     try:
         recipe = json.loads(path.read_text())
     except FileNotFoundError:
-        shipped = ", ".join(sorted(p.name for p in RECIPES_DIR.glob("*.json")))
-        raise RecipeError(f"{path}: no such recipe; shipped recipes: {shipped}") from None
-    except json.JSONDecodeError as exc:
-        raise RecipeError(f"{path}: not valid JSON ({exc})") from exc
+        raise RecipeError(f"{path}: no such recipe file; shipped recipes: {', '.join(shipped_recipes())}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(recipe, dict):
         raise RecipeError(f"{path}: a recipe is a JSON object")
-    recipe["_base_dir"] = str(path.resolve().parent)
+    recipe["_base_dir"] = str(base_dir or path.resolve().parent)
+    recipe.setdefault("_source", str(path))
     return recipe
 
 
@@ -224,11 +244,14 @@ def _resolve(base: Path, value: str | os.PathLike | None) -> Path | None:
 
 def run_recipe(recipe: Mapping[str, Any] | str | os.PathLike, model: str | os.PathLike | None = None,
                adapters: Mapping[str, str | os.PathLike] | None = None,
-               output_dir: str | os.PathLike | None = None, data: str | os.PathLike | None = None) -> RecipeState:
-    """Run a recipe; arguments override the recipe's input model, adapters, output dir and data."""
-    import onnx_ir as ir
+               output_dir: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
+               overwrite: bool = False) -> RecipeState:
+    """Run a recipe; arguments override the recipe's input model, adapters, output dir and data.
 
-    from .graph.io import load_model
+    Everything is written to a temporary sibling of the output folder, which replaces the output
+    folder whole at the end; a non-empty output folder is refused unless ``overwrite=True``.
+    The returned state's paths are in the output folder."""
+    from .output_folder import check_output_folder, writing_folder
 
     if not isinstance(recipe, Mapping):
         recipe = load_recipe(recipe)
@@ -242,17 +265,42 @@ def run_recipe(recipe: Mapping[str, Any] | str | os.PathLike, model: str | os.Pa
     if model_path is None:
         raise RecipeError(f"{source}: no input model; give input_model.model_path or --model")
     out = Path(output_dir) if output_dir else _resolve(base, recipe.get("output_dir", "recipe_output"))
-    state = RecipeState(output_dir=out)
     is_onnx = model_path.suffix == ".onnx" or input_model.get("type") == "ONNXModel"
-    state.onnx_model, state.hf_model = (model_path, None) if is_onnx else (None, model_path)
     recipe_adapters = {k: _resolve(base, v) for k, v in (recipe.get("adapters") or {}).items()}
-    state.adapters = {k: Path(v) for k, v in (adapters or recipe_adapters).items()}
+    adapter_dirs = {k: Path(v) for k, v in (adapters or recipe_adapters).items()}
     if data is not None:
         for _, options in steps:
             if "train_data_config" in options:
                 options["train_data_config"] = {**(options["train_data_config"] or {}), "data_files": str(data)}
-    out.mkdir(parents=True, exist_ok=True)
+    inputs = [model_path, *adapter_dirs.values()]
+    check_output_folder(out, inputs, overwrite)
+    with writing_folder(out, inputs, overwrite) as staged:
+        state = RecipeState(output_dir=staged, adapters=adapter_dirs)
+        state.onnx_model, state.hf_model = (model_path, None) if is_onnx else (None, model_path)
+        _run_steps(steps, state, source)
+    return _moved(state, staged, out)
 
+
+def _moved(state: RecipeState, staged: Path, out: Path) -> RecipeState:
+    """The state with every path inside the staging folder pointed at the output folder."""
+    def move(path: Path | None) -> Path | None:
+        if path is None or (path != staged and staged not in path.parents):
+            return path
+        return out / path.relative_to(staged)
+
+    return RecipeState(output_dir=out, hf_model=move(state.hf_model), onnx_model=move(state.onnx_model),
+                       adapters={k: move(v) for k, v in state.adapters.items()},
+                       adapter_files={k: move(v) for k, v in state.adapter_files.items()},
+                       log=[line.replace(str(staged), str(out)) for line in state.log])
+
+
+def _run_steps(steps: list[tuple[str, dict[str, Any]]], state: RecipeState, source: str) -> None:
+    """Run the steps in order; consecutive graph passes run as one PassManager, saved once."""
+    import onnx_ir as ir
+
+    from .graph.io import load_model
+
+    out = state.output_dir
     index = 0
     while index < len(steps):
         type_name, options = steps[index]
@@ -278,7 +326,6 @@ def run_recipe(recipe: Mapping[str, Any] | str | os.PathLike, model: str | os.Pa
         state.onnx_model = _save(ir_model, out / "model.onnx", passes)
         _write_adapter_files(passes, state)
         state.log.append(f"{' + '.join(name for name, _ in group)}: {state.onnx_model}")
-    return state
 
 
 def _save(model: Any, path: Path, passes: list[Any]) -> Path:

@@ -27,6 +27,7 @@ def test_readme_python_and_cli_run(tmp_path, monkeypatch):
     for code in blocks("python"):
         exec(compile(code, str(README), "exec"), namespace)
     assert namespace["with_adapter"].shape == namespace["base_only"].shape
+    assert abs(namespace["with_adapter"] - namespace["base_only"]).max() > 1e-3  # the quick start shows an effect
     commands = [line[2:] for block in blocks("console") for line in block.splitlines() if line.startswith("$ ")]
     assert commands, "the README shows CLI commands"
     for command in commands:

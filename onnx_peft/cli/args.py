@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from ..errors import OnnxPeftError
 from ..formats import ADAPTER_FILE_SUFFIXES
+
+
+def add_overwrite(parser: argparse.ArgumentParser, what: str = "output folder") -> None:
+    """``--overwrite``: the one way to write into a non-empty output folder (replaced whole)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace an existing {what} whole (default: refuse a non-empty one)")
+
+
+def session_options(args: argparse.Namespace):
+    """ONNX Runtime session options for a CLI session: ORT logs its own copy of an error before
+    raising it (and we print the error once), so its log is kept to fatal errors unless --debug."""
+    from ..errors import require_onnxruntime
+
+    options = require_onnxruntime().SessionOptions()
+    options.log_severity_level = 2 if getattr(args, "debug", False) else 4
+    return options
 
 
 def parse_named_paths(values: list[str]) -> dict[str, str]:

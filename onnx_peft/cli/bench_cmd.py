@@ -13,17 +13,18 @@ import time
 import numpy as np
 
 from ..errors import RuntimeSessionError
-from .args import parse_named_paths
+from .args import parse_named_paths, session_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL.onnx")
-    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=FILE", help="repeatable")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("model", metavar="MODEL.onnx", help="model with adapter slots (or MultiAdapter banks)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=FILE",
+                        help="adapter file (or PEFT dir) to time against the base; repeatable")
+    parser.add_argument("--batch", type=int, default=1, help="rows per run (default: 1)")
     parser.add_argument("--seq", type=int, default=32, help="sequence length of synthetic inputs")
     parser.add_argument("--runs", type=int, default=20, help="timed runs per variant")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs per variant first (default: 3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs and run order")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.runs < 1 or args.batch < 1 or args.seq < 1:
         raise RuntimeSessionError("--runs, --batch and --seq must be >= 1")
-    session = AdapterSession(args.model)
+    session = AdapterSession(args.model, session_options=session_options(args))
     variants: dict[str, object] = {"base": None}
     for name, path in parse_named_paths(args.adapter).items():
         session.load_adapter(name, path)

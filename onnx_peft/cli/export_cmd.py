@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from .args import parse_named_paths
+from .args import add_overwrite, parse_named_paths
 
 _TASKS = ("auto", "causal-lm", "causal-lm-with-past", "feature-extraction", "sequence-classification")
 _MODES = ("merged", "in-graph", "inputs", "external")
@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model signature (default: from config.architectures)")
     parser.add_argument("--mode", choices=_MODES, default="in-graph",
                         help="what happens to adapters (default: in-graph)")
-    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                        help="weights and activations of the exported model (default: fp32)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     parser.add_argument("--quantize", choices=("nf4", "fp4", "int4"), default=None,
                         help="4-bit base: nf4/fp4 (bitsandbytes codes, MatMulBnb4) or int4 (MatMulNBits); "
@@ -30,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--double-quant", action="store_true",
                         help="nf4/fp4: bitsandbytes double quantization of the block absmax values")
     parser.add_argument("--block-size", type=int, default=64, help="4-bit block size (default: 64)")
+    add_overwrite(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     path = export(args.model_dir, args.output, adapters=parse_named_paths(args.adapter) or None,
                   task=args.task, mode=args.mode, dtype=args.dtype, opset=args.opset,
                   quiet=bool(getattr(args, "quiet", False)), quantize=args.quantize,
-                  double_quant=args.double_quant, block_size=args.block_size)
+                  double_quant=args.double_quant, block_size=args.block_size, overwrite=args.overwrite)
     if not getattr(args, "quiet", False):
         print(path)
     return 0

@@ -12,11 +12,11 @@ import argparse
 import numpy as np
 
 from ..errors import MissingDependencyError, RuntimeSessionError
-from .args import parse_named_paths
+from .args import parse_named_paths, session_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL.onnx")
+    parser.add_argument("model", metavar="MODEL.onnx", help="model to run (with adapter slots, or any ONNX model)")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=FILE",
                         help="load an adapter (.onnx_adapter, .safetensors or PEFT dir); repeatable")
     parser.add_argument("--use", metavar="NAME[,NAME|-...]",
@@ -26,13 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="token ids of one row, separated by commas or spaces; repeatable")
     source.add_argument("--text", action="append", metavar="TEXT", help="prompt of one row (needs --tokenizer)")
     parser.add_argument("--tokenizer", metavar="DIR", help="local transformers tokenizer folder for --text")
-    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--max-new-tokens", type=int, default=20, help="tokens to generate (decoders; default: 20)")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--eos-token-id", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for --sample")
+    parser.add_argument("--eos-token-id", type=int, default=None, help="stop a row at this token id")
     parser.add_argument("--task-ids", metavar="T[,T...]",
                         help="task id of a multitask prompt adapter: one for the batch, or one per row")
 
@@ -82,7 +82,7 @@ def _task_ids(text: str | None) -> list[int] | None:
 def run(args: argparse.Namespace) -> int:
     from ..runtime import AdapterSession
 
-    session = AdapterSession(args.model)
+    session = AdapterSession(args.model, session_options=session_options(args))
     names = []
     for name, path in parse_named_paths(args.adapter).items():
         session.load_adapter(name, path)

@@ -11,13 +11,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterConfigError, OnnxPeftError, require_torch
-from ..progress import progress
+from ..progress import honours_quiet, progress
 from .adapters import (
     AdapterSpec,
     attach_adapters,
@@ -45,10 +44,19 @@ from .output import (
     MODEL_FILE,
     _check_output_dir,
     _install,
+    staging_folder,
 )
 from .prompt import export_prompt, is_prompt_model, prompt_adapter_dirs
 from .spec import export_spec
-from .steps import _convert, _exact_quantizer, _extract, _float_bases, _insert, _quantize
+from .steps import (
+    _convert,
+    _exact_quantizer,
+    _extract,
+    _float_bases,
+    _hold_adapter,
+    _insert,
+    _quantize,
+)
 
 log = logging.getLogger(__package__)  # one logger for the export package: "onnx_peft.export"
 
@@ -110,10 +118,11 @@ def _prepare(model_or_dir: Any, task: str, mode: str, dtype: str,
 
 
 
+@honours_quiet
 def export(model_or_dir: Any, output_dir: str | os.PathLike, adapters: AdapterSpec = None,
            task: str = "auto", mode: str = "in-graph", dtype: str = "fp32", opset: int | None = None,
            quiet: bool = False, external_data: bool | None = None, quantize: str | None = None,
-           double_quant: bool = False, block_size: int = 64) -> Path:
+           double_quant: bool = False, block_size: int = 64, overwrite: bool = False) -> Path:
     """Export ``model_or_dir`` to ``output_dir/model.onnx`` and return that path.
 
     ``model_or_dir``: a local transformers folder, a transformers model, or a PeftModel (ours
@@ -125,7 +134,8 @@ def export(model_or_dir: Any, output_dir: str | os.PathLike, adapters: AdapterSp
     ``quantize``: ``"nf4"``/``"fp4"`` (bitsandbytes codes, ``double_quant`` as bitsandbytes') or
     ``"int4"`` with ``block_size``: the base Linears (not lm_head) become 4-bit ONNX Runtime
     contrib MatMuls after export, adapter branches and slots stay float (passes.quantize_base).
-    A model passed in is never changed; the output appears only when complete.
+    A model passed in is never changed; the output appears only when complete. A non-empty
+    ``output_dir`` is refused unless ``overwrite=True``, which replaces it whole.
     """
     if mode not in MODES:
         raise OnnxPeftError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -140,7 +150,7 @@ def export(model_or_dir: Any, output_dir: str | os.PathLike, adapters: AdapterSp
     output_dir = Path(output_dir)
     named = normalize_adapters(adapters)
     inputs = list(named.values()) + ([model_or_dir] if isinstance(model_or_dir, (str, os.PathLike)) else [])
-    _check_output_dir(output_dir, inputs)
+    _check_output_dir(output_dir, inputs, overwrite)
     _check_mode_fits_methods(model_or_dir, named, mode)
     if is_prompt_model(model_or_dir) or (named and prompt_adapter_dirs(named)):
         return _export_prompt(model_or_dir, output_dir, named, task, mode, dtype, opset, quiet, external_data,
@@ -168,8 +178,7 @@ def export(model_or_dir: Any, output_dir: str | os.PathLike, adapters: AdapterSp
         full_weights = _head_slots(heads)
     training = {m: m.training for m in module.modules()}  # restored afterwards, layer by layer
     module.eval()
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
+    tmp = staging_folder(output_dir)
     try:
         spec = export_spec(module, task)
         if external_data is None:
@@ -197,6 +206,8 @@ def export(model_or_dir: Any, output_dir: str | os.PathLike, adapters: AdapterSp
             next(bar, None)
             if named:  # the graph held placeholder weights; convert the real adapters
                 written = _convert(named, model_path)
+                if mode == "external":  # the model as written: the first adapter, not placeholders
+                    _hold_adapter(model_path, tmp / written[next(iter(named))])
             else:  # a PeftModel came with its own adapter: keep what was extracted
                 active = getattr(peft, "active_adapter", None) or "default"
                 name = active if isinstance(active, str) else active[0]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MissingDependencyError, ModelFileError, OnnxPeftError, require_torch
+from ..progress import transformers_quiet
 from .adapters import transformers_model
 from .exporter import _quiet_warnings
 
@@ -116,8 +117,11 @@ def load_model_dir(model_dir: str | os.PathLike, task: str = "auto",
     if quantized is not None:  # a 4-bit checkpoint saved by transformers: loaded as it is, never re-quantized
         extra["device_map"] = "cpu"
         _require_bitsandbytes(path)
+    # a head the adapters bring (or a bare encoder's new head) is expected: no "MISSING" report
+    new_head = task == "sequence-classification" and (bool(extra.get("num_labels")) or
+                                                      not archs[0].endswith("ForSequenceClassification"))
     try:
-        with _quiet_warnings():
+        with _quiet_warnings(), transformers_quiet(report=not new_head):
             model = cls.from_pretrained(path, local_files_only=True, **extra)
     except Exception as exc:
         raise ModelFileError(

@@ -40,6 +40,38 @@ def _extract(model_path: Path, mode: str, full_weights: tuple[list[str], list[st
     return Path(adapter_file)
 
 
+def _hold_adapter(model_path: Path, adapter_file: Path) -> None:
+    """External mode with adapter folders: the extracted slot initializers held the placeholder
+    branches traced at export; make them hold ``adapter_file``'s tensors (the first adapter), so the
+    model run as written is that adapter. Slots it leaves out hold their rank-0 default (no-op)."""
+    import numpy as np
+    import onnx_ir as ir
+
+    from ..formats import load_adapter_file
+    from ..graph.contract import FULL_WEIGHT_METHOD, read_contract
+    from ..graph.io import load_model, save_model_with_side_data
+    from ..passes.extract_adapters import adapter_data_name, slot_default
+
+    model = load_model(model_path)
+    contract = read_contract(model.metadata_props, str(model_path))
+    tensors, _ = load_adapter_file(adapter_file)
+    for slot in contract.slots:
+        if slot.method == FULL_WEIGHT_METHOD:
+            continue  # heads: the graph keeps the base head, the adapter file the trained one
+        value = model.graph.initializers[slot.name]
+        array = np.ascontiguousarray(tensors[slot.name]) if slot.name in tensors else slot_default(slot)
+        value.const_value = ir.tensor(array, name=slot.name)
+    staging = model_path.parent / ".held"
+    save_model_with_side_data(model, staging / model_path.name, [s.name for s in contract.slots],
+                              adapter_data_name(model_path))
+    del model  # no lazy tensor may read the old files once they are gone
+    for stale in _model_files(model_path.parent):
+        os.remove(stale)
+    for entry in staging.iterdir():
+        os.replace(entry, model_path.parent / entry.name)
+    staging.rmdir()
+
+
 def _insert(model_path: Path, adapters: Mapping[str, Path]) -> dict[str, str]:
     """Replace the base ``model_path`` by the slot model InsertAdapters makes for ``adapters``;
     their files go to ``adapters/``. Returns ``{name: relative adapter file}``."""

@@ -10,10 +10,11 @@ bank holds adapter ``i``'s tensor (row 0: the slot's no-op default). The layout 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from ..errors import ModelFileError
 from ..methods.forms import default_array
 
 MULTI_ADAPTER_KEY = "onnx_peft.multi_adapter"
@@ -50,14 +51,36 @@ class MultiLayout:
                           sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> MultiLayout:
-        import json
+    def from_json(cls, text: str, source: str = "model") -> MultiLayout:
+        """Parse the layout; anything malformed is a ModelFileError naming ``source`` and the key."""
+        from .contract import check_dtype_name, metadata_shape, parse_metadata_json
 
-        data = json.loads(text)
-        banks = [BankEntry(**{**b, "dims": tuple(b["dims"]), "shape": tuple(b.get("shape", ()))})
-                 for b in data.get("banks", [])]
-        return cls(ids_input=data.get("ids_input", "adapter_ids"),
-                   batch_input=data.get("batch_input", ""), banks=banks)
+        data = parse_metadata_json(text, MULTI_ADAPTER_KEY, source)
+        where = f"{source}: metadata {MULTI_ADAPTER_KEY!r}"
+        entries = data.get("banks", [])
+        if not isinstance(entries, list):
+            raise ModelFileError(f"{where}: 'banks' must be a list; the model file is corrupt, export it again")
+        known = {f.name for f in fields(BankEntry)}  # fields of a newer writer are ignored
+        banks = []
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise ModelFileError(f"{where}: banks[{index}] must be an object; the model file is corrupt")
+            values = {k: v for k, v in entry.items() if k in known}
+            for key in ("slot", "bank", "kind", "module", "dtype", "default"):
+                if not isinstance(values.get(key, "zeros" if key == "default" else None), str):
+                    raise ModelFileError(f"{where}: banks[{index}].{key} must be a string, got {values.get(key)!r:.60}")
+            dims = values.get("dims")
+            if not (isinstance(dims, list) and len(dims) == 2 and all(
+                    isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims)):
+                raise ModelFileError(f"{where}: banks[{index}].dims must be [in, out], got {dims!r:.60}")
+            values["dims"] = tuple(dims)
+            values["shape"] = metadata_shape(values.get("shape", []), f"{where}: banks[{index}].shape")
+            check_dtype_name(values["dtype"], f"{where}: banks[{index}].dtype")
+            banks.append(BankEntry(**values))
+        ids_input, batch_input = data.get("ids_input", "adapter_ids"), data.get("batch_input", "")
+        if not isinstance(ids_input, str) or not isinstance(batch_input, str):
+            raise ModelFileError(f"{where}: 'ids_input' and 'batch_input' must be strings")
+        return cls(ids_input=ids_input, batch_input=batch_input, banks=banks)
 
 
 def stack_bank(entry: BankEntry, size: int, tensors: Sequence[tuple[int, np.ndarray]]) -> np.ndarray:

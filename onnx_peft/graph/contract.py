@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -100,11 +100,19 @@ class Slot:
 
 @dataclass
 class Contract:
-    """Which slots a model has and which base weights it was built on."""
+    """Which slots a model has and which base weights it was built on.
+
+    ``external``: the slots are overridable initializers holding the exported adapter (``export
+    --mode external``, ``extract --external``): a raw ONNX Runtime run without slot feeds applies
+    that adapter, not the base. The no-op is still each slot's ``default`` (rank 0), which
+    AdapterSession feeds for every slot an adapter leaves out, and for all of them when no
+    adapter is chosen, so there too no adapter = the base.
+    """
 
     slots: list[Slot] = field(default_factory=list)
     fingerprint: str = ""
     version: int = CONTRACT_VERSION
+    external: bool = False
 
     def slot_map(self) -> dict[str, Slot]:
         return {slot.name: slot for slot in self.slots}
@@ -112,6 +120,8 @@ class Contract:
     def to_json(self) -> str:
         data = {"version": self.version, "fingerprint": self.fingerprint,
                 "slots": [_slot_json(s) for s in self.slots]}
+        if self.external:
+            data["external"] = True
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -140,7 +150,10 @@ class Contract:
         fingerprint, version = data.get("fingerprint", ""), data.get("version", CONTRACT_VERSION)
         if not isinstance(fingerprint, str) or isinstance(version, bool) or not isinstance(version, int):
             raise ModelFileError(f"{where}: 'fingerprint' must be a string and 'version' an integer")
-        return cls(slots=slots, fingerprint=fingerprint, version=version)
+        external = data.get("external", False)
+        if not isinstance(external, bool):
+            raise ModelFileError(f"{where}: 'external' must be true or false, got {external!r:.60}")
+        return cls(slots=slots, fingerprint=fingerprint, version=version, external=external)
 
 
 def parse_metadata_json(text: Any, key: str, source: str) -> dict[str, Any]:
@@ -263,3 +276,27 @@ def check_adapter(contract: Contract, tensors: Mapping[str, tuple[tuple[int, ...
                     raise IncompatibleAdapterError(
                         f"{source}: {name!r} has {want}={got} but another tensor of {slot.module} has {ranks[key]}"
                     )
+
+
+def header_check(contract: Contract, source: str = "adapter", converting: bool = False
+                 ) -> Callable[[Mapping[str, tuple[tuple[int, ...], str]]], None]:
+    """A ``check`` for :func:`onnx_peft.formats.load_adapter_file`: :func:`check_adapter` on a file's
+    header (names, shapes, dtypes) before its data is read, so a file claiming tensors the model has no
+    room for is refused without inflating them. ``converting=True`` (convert-adapters casts float
+    tensors to the slot dtype and integer ones to int64) compares shapes, and ints against int slots."""
+    slots = contract.slot_map()
+
+    def check(header: Mapping[str, tuple[tuple[int, ...], str]]) -> None:
+        if converting:
+            header = {name: (shape, "int64" if _kind(dtype) in "iu" else slots[name].dtype if name in slots else dtype)
+                      for name, (shape, dtype) in header.items()}
+        check_adapter(contract, header, None, source=source)
+
+    return check
+
+
+def _kind(dtype: str) -> str:
+    try:
+        return np.dtype(dtype).kind
+    except TypeError:
+        return "V"

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import AdapterConfig, register_config
+from ..config import AdapterConfig, check_scale, register_config
 from ..errors import AdapterConfigError, IncompatibleAdapterError
 from .base import Method, as_float32, register_method
 
@@ -73,6 +73,7 @@ class AdaLoraConfig(AdapterConfig):
                 setattr(self, name, sorted(getattr(self, name)))
         if self.use_dora:
             raise AdapterConfigError("AdaLoraConfig.use_dora: AdaLoRA does not support DoRA")
+        check_scale(self.lora_alpha, "AdaLoraConfig.lora_alpha")
         for name in ("init_r", "target_r", "deltaT"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "target_r" else 1):

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import AdapterConfig, register_config
+from ..config import AdapterConfig, check_scale, register_config
 from ..errors import AdapterConfigError, IncompatibleAdapterError
 from ..targets import pattern_value
 from .base import Method, as_float32, register_method
@@ -61,8 +61,7 @@ class FourierFTConfig(AdapterConfig):
                 (f"n_frequency_pattern[{k!r}]", v) for k, v in self.n_frequency_pattern.items())]:
             if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
                 raise AdapterConfigError(f"FourierFTConfig.{where} must be a positive integer, got {n!r}")
-        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):
-            raise AdapterConfigError(f"FourierFTConfig.scaling must be a number, got {self.scaling!r}")
+        check_scale(self.scaling, "FourierFTConfig.scaling")
         seed = self.random_loc_seed
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise AdapterConfigError(

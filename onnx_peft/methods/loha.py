@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..config import AdapterConfig, register_config
+from ..config import AdapterConfig, check_scale, register_config
 from ..errors import AdapterConfigError, CheckpointError, IncompatibleAdapterError
 from ..targets import pattern_value
 from .base import Method, register_method
@@ -84,8 +84,9 @@ class LycorisConfig(AdapterConfig):
         for key, rank in ranks.items():
             if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
                 raise AdapterConfigError(f"{name}.{key} must be a positive integer, got {rank!r}")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool):
-            raise AdapterConfigError(f"{name}.alpha must be a number, got {self.alpha!r}")
+        check_scale(self.alpha, f"{name}.alpha")
+        for key, alpha in (self.alpha_pattern or {}).items():
+            check_scale(alpha, f"{name}.alpha_pattern[{key!r}]")
         for key in ("rank_dropout", "module_dropout"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:

@@ -19,8 +19,13 @@ from ..errors import (
     RuntimeSessionError,
 )
 from ..graph.banks import stack_bank
-from ..graph.contract import RANK_DIM, Contract, Slot, check_adapter
-from ..prompt_feeds import PromptAdapter, adapter_from_peft, adapter_from_tensors
+from ..graph.contract import FULL_WEIGHT_METHOD, RANK_DIM, Contract, Slot, check_adapter
+from ..prompt_feeds import (
+    PROMPT_INPUT_NAMES,
+    PromptAdapter,
+    adapter_from_peft,
+    adapter_from_tensors,
+)
 from .state import _SLOT_SUFFIXES, _Banks, _Loaded
 
 logger = logging.getLogger("onnx_peft.runtime")
@@ -51,6 +56,7 @@ class AdapterLoading:
                       fingerprint=fingerprint, source=label)
         if not tensors:
             raise IncompatibleAdapterError(f"{label}: holds no tensors")
+        self._check_overridable(tensors)
         arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
         feeds = arrays
         if self.packing:
@@ -63,6 +69,31 @@ class AdapterLoading:
         else:
             keep = {}
         self._add(name, _Loaded(name, label, keep, values))
+
+    def _check_overridable(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Every slot fed directly must be an input ONNX Runtime takes (a graph input, or an
+        initializer that is one too); else ORT's own "Invalid input name" would come at run time."""
+        if self.layout is not None or self.packing:
+            return
+        fixed = next((n for n in tensors if n not in self._inputs), None)
+        if fixed is not None:
+            raise IncompatibleAdapterError(
+                f"{self.model_path.name}: slot {fixed!r} is a fixed initializer, not an input ONNX Runtime can "
+                "override (external mode of an older onnx-peft, or extract without inputs); extract or export "
+                "the model again: onnx-peft extract MODEL.onnx -o OUT_DIR --external (or --mode inputs)")
+
+    def _external_defaults(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """External-initializer models (``contract.external``): host arrays and device values of
+        each low-rank slot's no-op default (rank 0). The model's own initializers hold the exported
+        adapter, so these are fed for every slot an adapter leaves out, and for all of them when no
+        adapter is chosen: no adapter = the base, as with every other slot model."""
+        if not self.contract.external:
+            return {}, {}
+        from ..passes.extract_adapters import slot_default
+
+        arrays = {s.name: slot_default(s) for s in self.contract.slots
+                  if s.method != FULL_WEIGHT_METHOD and s.name in self._inputs}
+        return arrays, {name: self._to_device(array) for name, array in arrays.items()}
 
     def _add(self, name: str, loaded: _Loaded) -> None:
         with self._lock:
@@ -137,9 +168,16 @@ class AdapterLoading:
         if path.is_dir():
             return self._read_peft_dir(path), "", str(path)
         from ..formats import load_adapter_file, resolve_fingerprint
+        from ..graph.contract import header_check
+
+        slots_check = header_check(self.contract, str(path))
+
+        def check(header: Mapping[str, Any]) -> None:  # names, shapes, dtypes before any data is read
+            if not any(k in PROMPT_INPUT_NAMES or k.startswith("prefix.") or k in self._managed for k in header):
+                slots_check(header)  # (prompt and packed files are checked once read and unpacked)
 
         try:
-            tensors, fingerprint = load_adapter_file(path)
+            tensors, fingerprint = load_adapter_file(path, check=check)
         except OnnxPeftError:
             raise
         except Exception as exc:
