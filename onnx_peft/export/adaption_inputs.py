@@ -27,7 +27,6 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from .output import (
     INFO_FILE,
     MODEL_FILE,
     _install,
+    staging_folder,
 )
 from .spec import ExportSpec, _task_module_class, export_spec
 
@@ -237,8 +237,7 @@ def export_adaption_inputs(model_or_dir: Any, output_dir: Path, adapters: Mappin
     _check_no_bias(module, slots)
     training = {m: m.training for m in module.modules()}
     module.eval()
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
+    tmp = staging_folder(output_dir)  # named, umask-honouring; a killed run's is cleaned by the next
     try:
         spec = _slot_spec(export_spec(module, task), slots)
         if external_data is None:

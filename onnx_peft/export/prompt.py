@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,14 @@ from ..errors import AdapterConfigError, OnnxPeftError
 from ..prompt_feeds import PROMPT_KEY, PromptAdapter, PromptLayout, adapter_from_peft, prefix_names
 from .exporter import _io_info, run_exporter, weight_bytes
 from .heads import _base_heads, saved_heads
-from .output import ADAPTER_DIR, EXTERNAL_DATA_BYTES, INFO_FILE, MODEL_FILE, _install
+from .output import (
+    ADAPTER_DIR,
+    EXTERNAL_DATA_BYTES,
+    INFO_FILE,
+    MODEL_FILE,
+    _install,
+    staging_folder,
+)
 from .prompt_spec import PREFIX_MASK, PROMPT_INPUTS, prefix_geometry, prompt_ready_spec
 
 
@@ -101,8 +107,7 @@ def export_prompt(model_or_dir: Any, output_dir: Path, adapters: Mapping[str, Pa
     if mode == "in-graph" and layout.prefix_via == "past" and next(iter(found.values())).kind == "prefix":
         raise AdapterConfigError("a prefix adapter cannot be baked into a causal-lm-with-past graph (its prefix is "
                                  "the past the runtime feeds); use mode='inputs'")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
+    tmp = staging_folder(output_dir)  # named, umask-honouring; a killed run's is cleaned by the next
     try:
         model_path = tmp / MODEL_FILE
         if external_data is None:

@@ -5,10 +5,13 @@ Why this module exists: every pass reads a model and writes another, and the fil
 
 * :func:`load_model` keeps external weights lazy (``ir.ExternalTensor`` memory-maps a tensor on
   its first ``.numpy()``) and refuses external-data locations that leave the model's folder
-  (``..``, absolute paths, symlinks) or point past the end of their file.
+  (``..``, absolute paths, symlinks, hard links to a file elsewhere) or point past the end of
+  their file. Every tensor is checked: initializers and Constant/attribute tensors of the main
+  graph, of its subgraphs (If/Loop/Scan bodies) and of model-local functions (:func:`iter_tensors`).
 * :func:`save_model` writes into a temporary folder next to the output and renames the finished
-  files into place, so a failure (disk full, a bad tensor) leaves no partial output; it refuses
-  to overwrite the model it was loaded from. ``ir.save`` streams tensors one at a time, which
+  files into place together (onnx_peft.safe_write), so a failure (disk full, a bad tensor) or a
+  kill leaves no partial output, and a later save deletes a killed run's temporaries; it refuses
+  to overwrite any file the model reads. ``ir.save`` streams tensors one at a time, which
   is what makes ``LazyTensor`` merged weights cheap.
 * :func:`save_model_with_side_data` does the same but stores some initializers (extracted
   adapter tensors) in a side data file of their own, for runtimes that swap them.
@@ -20,7 +23,6 @@ import contextlib
 import os
 import shutil
 import sys
-import tempfile
 import weakref
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -28,7 +30,13 @@ from typing import Any, Literal
 
 import onnx_ir as ir
 
-from ..errors import ModelFileError, UnsafePathError
+from ..errors import ModelFileError, OnnxPeftError, UnsafePathError
+from ..safe_write import (
+    install_files,
+    make_temp_dir,
+    refuse_folders_in_the_way,
+    refuse_overwriting_inputs,
+)
 
 _TWO_GB = 2**31
 # Models whose tensors add up to more than this are always saved with external data.
@@ -38,9 +46,19 @@ AUTO_EXTERNAL_BYTES = 1 << 30
 _SOURCES: weakref.WeakKeyDictionary[ir.Model, Path] = weakref.WeakKeyDictionary()
 
 
+def iter_graphs(model: ir.Model) -> Iterator[ir.Graph]:
+    """The main graph, its subgraphs (If/Loop/Scan bodies), and the body of every model-local
+    function with its subgraphs."""
+    yield from model.graphs()
+    for function in model.functions.values():
+        yield function.graph
+        yield from function.graph.subgraphs()
+
+
 def iter_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
-    """All tensors of ``model``: initializers and Constant/attribute tensors, subgraphs included."""
-    for graph in model.graphs():
+    """All tensors of ``model``: initializers and Constant/attribute tensors of every graph of
+    :func:`iter_graphs` (subgraphs and functions included)."""
+    for graph in iter_graphs(model):
         for value in graph.initializers.values():
             if value.const_value is not None:
                 yield value.const_value
@@ -59,8 +77,14 @@ def source_path(model: ir.Model) -> Path | None:
     return _SOURCES.get(model)
 
 
+def external_files(model: ir.Model) -> set[Path]:
+    """The files the external tensors of ``model`` read (resolved)."""
+    return {Path(t.path).resolve() for t in iter_tensors(model) if isinstance(t, ir.ExternalTensor)}
+
+
 def _check_external(tensor: ir.ExternalTensor, model_path: Path) -> None:
-    """Refuse a location that escapes the model folder, is a symlink, or is too short."""
+    """Refuse a location that escapes the model folder, is a symlink or a hard link (a name in
+    the folder for a file that may live anywhere), or is too short."""
     location = str(tensor.location)
     folder = model_path.parent.resolve()
     parts = Path(location.replace("\\", "/")).parts
@@ -85,6 +109,11 @@ def _check_external(tensor: ir.ExternalTensor, model_path: Path) -> None:
             "copy it next to the model"
         )
     need = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+    if data_path.stat().st_nlink > 1:
+        raise UnsafePathError(
+            f"{model_path}: external data {location!r} of tensor {tensor.name!r} is a hard link (the file "
+            "has other names, possibly outside the model's folder); copy the real file next to the model instead"
+        )
     if data_path.stat().st_size < need:
         raise ModelFileError(
             f"{model_path}: external data file {location!r} is truncated: tensor {tensor.name!r} "
@@ -113,8 +142,57 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     for tensor in iter_tensors(model):
         if isinstance(tensor, ir.ExternalTensor):
             _check_external(tensor, path)
+            # ir.load sets the folder of the main graph's tensors only; a function's Constant
+            # would otherwise be read relative to the working directory
+            tensor.base_dir = str(path.parent)
     _SOURCES[model] = path.resolve()
     return model
+
+
+def _proto_tensors(nodes: Any, initializers: Any = (), sparse: Any = ()) -> Iterator[Any]:
+    """Every TensorProto of a graph's (sparse) initializers and nodes, subgraphs included."""
+    yield from initializers
+    for tensor in sparse:
+        yield from (tensor.values, tensor.indices)
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for tensor in ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(attr.sparse_tensors):
+                yield from (tensor.values, tensor.indices)
+            for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _proto_tensors(graph.node, graph.initializer, graph.sparse_initializer)
+
+
+def check_external_data(path: str | os.PathLike) -> None:
+    """Run :func:`load_model`'s external-data check on a model another reader will load (ONNX
+    Runtime, which accepts hard links), reading only the protobuf, never the weights.
+
+    Covers the tensors of the main graph, its subgraphs and the model-local functions. Raises
+    ModelFileError / UnsafePathError as load_model does.
+    """
+    import onnx
+
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # DecodeError, OSError
+        raise ModelFileError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc}); the file is "
+                             "corrupt or truncated, export it again") from exc
+    graph = proto.graph
+    tensors = [*_proto_tensors(graph.node, graph.initializer, graph.sparse_initializer),
+               *(t for function in proto.functions for t in _proto_tensors(function.node))]
+    for tensor in tensors:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        try:
+            external = ir.serde.deserialize_tensor(tensor, str(path.parent))
+        except Exception as exc:  # no location, a bad offset: the model is corrupt
+            raise ModelFileError(f"{path}: tensor {tensor.name!r} has unreadable external data information "
+                                 f"({type(exc).__name__}: {exc}); export the model again") from exc
+        if isinstance(external, ir.ExternalTensor):
+            _check_external(external, path)
 
 
 def _total_bytes(model: ir.Model) -> int:
@@ -127,28 +205,12 @@ def _total_bytes(model: ir.Model) -> int:
     return total
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _refuse_overwriting_inputs(model: ir.Model, path: Path, data_name: str) -> None:
-    targets = [path.resolve(), (path.parent / data_name).resolve()]
-    source = source_path(model)
-    if source is not None and (source == targets[0] or _same_file(source, targets[0])):
-        raise UnsafePathError(
-            f"{path}: the output would overwrite the model it was loaded from; choose another output path"
-        )
-    for tensor in iter_tensors(model):
-        if isinstance(tensor, ir.ExternalTensor):
-            data = Path(tensor.path).resolve()
-            if any(data == t or _same_file(data, t) for t in targets):
-                raise UnsafePathError(
-                    f"{path}: writing it would overwrite {data}, which holds weights of the model "
-                    "being saved; choose another output path"
-                )
+def _refuse_overwriting_inputs(model: ir.Model, path: Path, *names: str) -> None:
+    """Refuse outputs ``path`` and ``path.parent / name`` that are the file the model was
+    loaded from or one its weights are read from (resolved, symlinked or hard-linked)."""
+    outputs = [path, *(path.parent / name for name in names)]
+    refuse_overwriting_inputs(outputs, [source_path(model), *external_files(model)])
+    refuse_folders_in_the_way(outputs)
 
 
 def _make_output_folder(path: Path) -> None:
@@ -157,6 +219,45 @@ def _make_output_folder(path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ModelFileError(f"{path}: cannot create the output folder {path.parent} ({exc.strerror or exc})") from exc
+
+
+def _temp_dir(path: Path) -> Path:
+    try:
+        return make_temp_dir(path.parent, path.name)
+    except OnnxPeftError as exc:
+        raise ModelFileError(str(exc)) from exc
+
+
+@contextlib.contextmanager
+def _inline_attribute_tensors(model: ir.Model) -> Iterator[None]:
+    """Read external attribute tensors (Constant values, in any graph or function) into memory
+    for the duration of a save, then put the originals back.
+
+    Why: ``ir.save`` moves initializers into the output's data file but serialises attribute
+    tensors as they are, so an external one would keep its location, now resolved against the
+    output's folder: a missing file, or another file's bytes. Inline they travel with the model.
+    """
+    swapped: list[tuple[ir.Node, str, ir.Attr]] = []
+    for graph in iter_graphs(model):
+        for node in graph:
+            for name, attr in list(node.attributes.items()):
+                if attr.is_ref() or attr.value is None:
+                    continue
+                if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                    value = ir.Tensor(attr.value.numpy(), name=attr.value.name)
+                elif attr.type == ir.AttributeType.TENSORS and any(
+                        isinstance(t, ir.ExternalTensor) for t in attr.value):
+                    value = [ir.Tensor(t.numpy(), name=t.name) if isinstance(t, ir.ExternalTensor) else t
+                             for t in attr.value]
+                else:
+                    continue
+                swapped.append((node, name, attr))
+                node.attributes[name] = ir.Attr(name, attr.type, value, doc_string=attr.doc_string)
+    try:
+        yield
+    finally:
+        for node, name, attr in swapped:
+            node.attributes[name] = attr
 
 
 @contextlib.contextmanager
@@ -200,21 +301,19 @@ def save_model(model: ir.Model, path: str | os.PathLike,
         raise ModelFileError(
             f"{path}: the weights take {total} bytes, over protobuf's 2 GB limit; save with external data"
         )
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp_dir = _temp_dir(path)
     try:
         tmp_model = tmp_dir / path.name
-        if external_data:
-            with _tensor_progress(path) as callback:
-                ir.save(model, tmp_model, external_data=data_name, callback=callback)
-        else:
-            ir.save(model, tmp_model)
+        with _inline_attribute_tensors(model):
+            if external_data:
+                with _tensor_progress(path) as callback:
+                    ir.save(model, tmp_model, external_data=data_name, callback=callback)
+            else:
+                ir.save(model, tmp_model)
         tmp_data = tmp_dir / data_name
-        if tmp_data.exists():
-            os.replace(tmp_data, path.parent / data_name)
-        elif (path.parent / data_name).exists() and not external_data:
-            # a stale .data from an earlier save would be mistaken for this model's
-            os.remove(path.parent / data_name)
-        os.replace(tmp_model, path)
+        # a stale .data from an earlier save would be mistaken for this model's: removed with it
+        install_files([(tmp_data if tmp_data.exists() else None, path.parent / data_name),
+                       (tmp_model, path)], aside=tmp_dir)
     except UnsafePathError:
         raise
     except Exception as exc:
@@ -241,8 +340,7 @@ def save_model_with_side_data(model: ir.Model, path: str | os.PathLike, side_nam
             f"{path}: side data file {side_data_name!r} must be a plain file name next to the model, "
             f"other than {data_name!r}"
         )
-    _refuse_overwriting_inputs(model, path, data_name)
-    _refuse_overwriting_inputs(model, path, side_data_name)
+    _refuse_overwriting_inputs(model, path, data_name, side_data_name)
     _make_output_folder(path)
     side_names = set(side_names)
     side, rest, small = [], [], []
@@ -261,7 +359,7 @@ def save_model_with_side_data(model: ir.Model, path: str | os.PathLike, side_nam
     if missing:
         raise ModelFileError(f"{path}: no initializer named {sorted(missing)[0]!r} to store in {side_data_name}")
     originals = {id(v): (v, v.const_value) for v in (*side, *rest, *small)}
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp_dir = _temp_dir(path)
     try:
         for values, name in ((rest, data_name), (side, side_data_name)):
             if values:
@@ -270,13 +368,12 @@ def save_model_with_side_data(model: ir.Model, path: str | os.PathLike, side_nam
                     value.const_value = tensor
         for value in small:
             value.const_value = ir.Tensor(value.const_value.numpy(), name=value.name)
-        ir.save(model, tmp_dir / path.name)
-        for name in (data_name, side_data_name):
-            if (tmp_dir / name).exists():
-                os.replace(tmp_dir / name, path.parent / name)
-            elif (path.parent / name).exists():
-                os.remove(path.parent / name)  # stale, from an earlier save
-        os.replace(tmp_dir / path.name, path)
+        with _inline_attribute_tensors(model):
+            ir.save(model, tmp_dir / path.name)
+        # a data file this save did not write is stale (an earlier save's): removed with the rest
+        install_files([*(((tmp_dir / name) if (tmp_dir / name).exists() else None, path.parent / name)
+                         for name in (data_name, side_data_name)),
+                       (tmp_dir / path.name, path)], aside=tmp_dir)
     except UnsafePathError:
         raise
     except Exception as exc:

@@ -28,6 +28,11 @@ class AdapterSession(AdapterLoading, AdapterRunning, AdapterGeneration):
     >>> session = AdapterSession("deploy/model.onnx")
     >>> session.load_adapter("sql", "deploy/adapters/sql.onnx_adapter")
     >>> logits, = session.run(["logits"], {"input_ids": ids}, adapter="sql")
+
+    ``adapter=None`` runs the base on every kind of slot model. External-initializer models
+    (``export --mode external``) hold the exported adapter in their slots' initializers; the session
+    feeds the slots' rank-0 defaults whenever no adapter (or an adapter not covering a slot) is
+    chosen, and adapters of any rank load, lower or higher than the exported one.
     """
 
     def __init__(self, model_path: str | os.PathLike, providers: Sequence[Any] | None = None,
@@ -37,6 +42,9 @@ class AdapterSession(AdapterLoading, AdapterRunning, AdapterGeneration):
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise ModelFileError(f"{self.model_path}: no such model file")
+        from ..graph.io import check_external_data
+
+        check_external_data(self.model_path)  # ORT itself accepts hard links to files elsewhere
         if session_options is None:
             session_options = ort.SessionOptions()
             session_options.log_severity_level = 3  # slot inputs with defaults warn on every load
@@ -78,6 +86,7 @@ class AdapterSession(AdapterLoading, AdapterRunning, AdapterGeneration):
         if self.prompt_layout is not None:  # prompt inputs are fed from loaded prompt adapters
             self._managed |= {n for n in self._inputs if n in PROMPT_INPUT_NAMES or n.startswith("prefix.")}
         self._base_rows = self._read_base_rows()
+        self._noop_arrays, self._noop = self._external_defaults()  # arrays kept: CPU values share them
 
         self._lock = threading.Condition()
         self._adapters: dict[str, _Loaded] = {}
