@@ -57,9 +57,13 @@ def linear_module_names(model: nn.Module) -> list[str]:
     """Last-name components of every Linear/Conv1D except the output head ("all-linear")."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = set()
+    wrapped: list[str] = []  # adapter layers already injected: count the layer, not its insides
     for name, module in model.named_modules():
-        if module is output or not name:
+        if module is output or not name or any(name.startswith(w + ".") for w in wrapped):
             continue
+        if isinstance(module, AdapterLayer):
+            wrapped.append(name)
+            module = module.base_layer
         if isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf")) \
                 or is_quantized_linear(module):
             names.add(name.split(".")[-1])

@@ -615,3 +615,15 @@ def test_several_active_adapters_with_dora_equal_peft():
     assert max_diff(run(ours, x), expected) <= TOL
     ours.merge_adapter()
     assert max_diff(run(ours, x), expected) <= TOL
+
+
+def test_all_linear_on_a_model_with_adapters_targets_the_same_modules():
+    """A second ``all-linear`` adapter resolves to the model's Linears, not to LoRA's insides."""
+    from tiny_models import tiny_llama
+
+    import onnx_peft
+
+    model = onnx_peft.get_peft_model(tiny_llama(), onnx_peft.LoraConfig(target_modules="all-linear"))
+    model.add_adapter("second", onnx_peft.LoraConfig(target_modules="all-linear"))
+    assert model.peft_config["second"].target_modules == model.peft_config["default"].target_modules
+    assert sum("second" in layer.adapter_names() for _, layer in model._layers()) == 14
