@@ -1,5 +1,5 @@
 """A sequence-classification adapter of another method (its head trained in full, PEFT's
-modules_to_save) merges into a base ONNX graph exactly, and insert refuses it with a clear error."""
+modules_to_save) merges into a base ONNX graph exactly, and insert serves it (full-weight head slots)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch
 from tiny_models import tiny_bert_cls
 
 from onnx_peft import export
-from onnx_peft.errors import IncompatibleAdapterError
 from onnx_peft.passes.insert_adapters import insert_adapters
 from onnx_peft.passes.merge_adapters import merge_adapters
 from onnx_peft.runtime import AdapterSession
@@ -48,8 +47,12 @@ def test_merge_applies_method_and_trained_head(setup):
     assert np.abs(logits - expected).max() <= 1e-5
 
 
-def test_insert_refuses_a_full_weight_head_naming_it(setup):
-    folder, base_onnx, _, _ = setup
-    with pytest.raises(IncompatibleAdapterError, match="classifier.*modules_to_save"):
-        insert_adapters(base_onnx, {"a": folder / "adapter"}, folder / "inserted")
-    assert not (folder / "inserted").exists()
+def test_insert_serves_the_full_weight_head_as_slots(setup):
+    folder, base_onnx, ids, expected = setup
+    model = insert_adapters(base_onnx, {"a": folder / "adapter"}, folder / "inserted")
+    session = AdapterSession(model)
+    assert {"classifier.weight", "classifier.bias"} <= {s.name for s in session.contract.slots}
+    session.load_adapter("a", folder / "inserted" / "adapters" / "a.onnx_adapter")
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    (logits,) = session.run(["logits"], feeds, adapter="a")
+    assert np.abs(logits - expected).max() <= 1e-5

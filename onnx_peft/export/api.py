@@ -64,9 +64,11 @@ MODES = ("merged", "in-graph", "inputs", "external")
 DTYPES = ("fp32", "fp16")
 
 
-def _prepare(model_or_dir: Any, task: str, mode: str, dtype: str,
-             adapters: dict[str, Path]) -> tuple[Any, Any, str, str | None]:
+def _prepare(model_or_dir: Any, task: str, mode: str, dtype: str, adapters: dict[str, Path],
+             labels_from: dict[str, Path] | None = None) -> tuple[Any, Any, str, str | None]:
     """Returns ``(module to export, peft wrapper or None, task, source dir or None)``.
+    ``labels_from``: adapters whose number of labels a folder's head is loaded with when
+    ``adapters`` (attached to the model) is empty (the base exported for InsertAdapters).
 
     The module is a transformers model, possibly with adapter layers inside. A model the
     caller passed in is copied before anything changes it (merge, fp16, new adapter layers).
@@ -75,7 +77,8 @@ def _prepare(model_or_dir: Any, task: str, mode: str, dtype: str,
     source: str | None = None
     if isinstance(model_or_dir, (str, os.PathLike)):
         source = str(model_or_dir)
-        model, task = load_model_dir(model_or_dir, task, num_labels=adapter_num_labels(adapters) if adapters else None)
+        labelled = adapters or labels_from
+        model, task = load_model_dir(model_or_dir, task, num_labels=adapter_num_labels(labelled) if labelled else None)
         owned = True
     elif isinstance(model_or_dir, torch.nn.Module) and hasattr(transformers_model(model_or_dir), "config"):
         model = model_or_dir
@@ -167,7 +170,7 @@ def export(model_or_dir: Any, output_dir: str | os.PathLike, adapters: AdapterSp
     bar = iter(steps if quiet else progress(steps, desc="onnx-peft export", total=len(steps)))
     next(bar, None)
     if inserted:  # export the plain base, then graft each method's branch (InsertAdapters)
-        module, peft, task, source = _prepare(model_or_dir, task, "in-graph", dtype, {})
+        module, peft, task, source = _prepare(model_or_dir, task, "in-graph", dtype, {}, labels_from=named)
     else:
         module, peft, task, source = _prepare(model_or_dir, task, mode, dtype, named)
     # heads the adapters train in full become full-weight slots (default: the base head)

@@ -45,11 +45,17 @@ A module in ``full_weight_biases`` whose graph shows no bias (the exporter drops
 bias) gets a ``<module>.bias`` slot defaulting to zeros, added after the Linear.
 
 ``make_inputs=False``: the slots stay initializers of fixed shape holding the extracted adapter.
-With ``external=True`` (Olive's external-initializer mode) :func:`save_extracted_model` stores
-their data in ``<model>.adapter.data`` next to the model, apart from ``<model>.data``, and
-metadata ``onnx_peft.external_adapters`` lists them. The model runs as written (the extracted
-adapter); a runtime supplies another adapter of the same ranks when it creates the session,
-``SessionOptions.add_external_initializers(names, ortvalues)`` (ORT refuses other shapes).
+
+``external=True`` (Olive's external-initializer mode): the slots are initializers holding the
+extracted adapter AND graph inputs with the per-module symbolic rank (ONNX Runtime's overridable
+initializers, ``InferenceSession.get_overridable_initializers()``). :func:`save_extracted_model`
+stores their data in ``<model>.adapter.data`` next to the model, apart from ``<model>.data``, and
+metadata ``onnx_peft.external_adapters`` lists them; the contract says ``external``. So:
+
+    no feed                       the extracted adapter (the model runs as written)
+    slot feeds, any rank          that adapter instead, per run (AdapterSession, ``infer``)
+    zero-rank feeds (defaults)    the base: what AdapterSession feeds when no adapter is chosen
+    add_external_initializers     another adapter of the same ranks at session creation
 """
 
 from __future__ import annotations
@@ -252,7 +258,11 @@ class ExtractAdapters(InPlacePass):
             for slot, array in self._full_weight_slots(site):
                 self.slot_arrays[slot.name] = array
                 slots.append(slot)
-        self.contract = Contract(slots=slots, fingerprint=weight_fingerprint(base_weights))
+        self.contract = Contract(slots=slots, fingerprint=weight_fingerprint(base_weights), external=self.external)
+        for branch in branches.values():  # insert --mode in-graph names A/B as the slots: make room
+            for value in (branch.lora_A, branch.lora_B):
+                if value.is_initializer() and value.name in self.slot_arrays:
+                    value.name = f"{value.name}.in_graph"
         for slot in slots:  # full-weight slots reuse their own initializer's name (see _expose)
             if slot.method != FULL_WEIGHT_METHOD and (
                     slot.name in graph.initializers or any(v.name == slot.name for v in graph.inputs)):
@@ -363,9 +373,9 @@ class ExtractAdapters(InPlacePass):
             node.replace_input_with(index, value)
             if old.producer() is not None:
                 remove_dead(graph, [old.producer()])
-        if self.make_inputs:
+        if self.make_inputs or self.external:
             graph.inputs.append(value)
-            if not self.optional_inputs:
+            if self.make_inputs and not self.optional_inputs:
                 graph.initializers.pop(name)
                 value.const_value = None
 
@@ -375,9 +385,10 @@ class ExtractAdapters(InPlacePass):
         """The slot of one extracted tensor: the ``lora`` form's A/B, or the ``dora`` form's factor."""
         method, default = ("dora", "ones") if name.endswith(DORA_SLOT) else ("lora", "zeros")
         shape: tuple[int | str, ...] = tuple(int(d) for d in array.shape)
-        if self.make_inputs and name.endswith(A_SLOT):
+        swappable = self.make_inputs or self.external
+        if swappable and name.endswith(A_SLOT):
             shape = (shape[0], rank_dim(module))
-        elif self.make_inputs and name.endswith(B_SLOT):
+        elif swappable and name.endswith(B_SLOT):
             shape = (rank_dim(module), shape[1])
         return Slot(name, array.dtype.name, shape, module, method, default=default)
 
@@ -393,9 +404,12 @@ class ExtractAdapters(InPlacePass):
     def _slot_value(self, graph: ir.Graph, slot: Slot, array: np.ndarray) -> ir.Value:
         if self.make_inputs:
             return self._input(graph, slot.name, slot.shape, slot_default(slot))
+        shape = slot.shape if self.external else array.shape  # external: overridable, any rank
         value = ir.Value(name=slot.name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                         shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=slot.name))
+                         shape=ir.Shape(shape), const_value=ir.tensor(array, name=slot.name))
         graph.register_initializer(value)
+        if self.external:
+            graph.inputs.append(value)
         return value
 
     def _packed_values(self, graph: ir.Graph) -> dict[str, ir.Value]:
@@ -437,6 +451,24 @@ class ExtractAdapters(InPlacePass):
         graft_slot_branch(graph, site, values[slot_name(module, A_SLOT)], values[slot_name(module, B_SLOT)], factor)
 
 
+def add_full_weight_slots(graph: ir.Graph, sites: Mapping[str, LinearSite], modules: Sequence[str],
+                          biases: Sequence[str] = ()) -> list[Slot]:
+    """Full-weight slot inputs (defaults: the base tensors) for the Linears ``modules`` of ``graph``,
+    as :class:`ExtractAdapters` makes them; InsertAdapters' heads trained in full (modules_to_save).
+    ``biases``: those of them that get a bias slot even where the graph shows none."""
+    extract = ExtractAdapters(make_inputs=True, full_weight_modules=modules, full_weight_biases=biases)
+    found = extract._full_weight_sites(sites, {})
+    slots = []
+    for site in found.values():
+        for slot, array in extract._full_weight_slots(site):
+            extract.slot_arrays[slot.name] = array
+            slots.append(slot)
+    by_name = {s.name: s for s in slots}
+    for site in found.values():
+        extract._expose_full_weight(graph, site, by_name)
+    return slots
+
+
 def _constant_use(node: ir.Node, index: int) -> tuple[ir.Node, int]:
     """Follow ``node.inputs[index]`` up through Identity/Transpose to the (node, index) that
     reads the constant itself (an initializer or a Constant node's output)."""
@@ -472,24 +504,27 @@ def save_extracted_model(model: ir.Model, path: str | os.PathLike, extract: Extr
     return save_model(model, path, external_data=True)
 
 
-def extract_adapters(model_path: str | os.PathLike, output_dir: str | os.PathLike, **options: Any
-                     ) -> tuple[Path, Path]:
+def extract_adapters(model_path: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False,
+                     **options: Any) -> tuple[Path, Path]:
     """Extract the adapters of ``model_path`` into ``output_dir``: (model path, adapter file path).
 
     ``options`` are :class:`ExtractAdapters`' (make_inputs, pack_inputs, optional_inputs,
     external, save_format). The model is saved as ``output_dir/<name>.onnx`` with external data
     (external mode: adapter tensors in ``<name>.onnx.adapter.data``); the adapter file as
     ``output_dir/<stem>.<format suffix>``, recording the base fingerprint. With pack_inputs the
-    adapter file holds the packed feeds.
+    adapter file holds the packed feeds. A non-empty ``output_dir`` is refused unless
+    ``overwrite=True``, which replaces it whole.
     """
+    from ..output_folder import check_output_folder, writing_folder
+
     model_path = Path(model_path)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = check_output_folder(output_dir, [model_path], overwrite)
     extract = ExtractAdapters(**options)
     model = load_model(model_path)
     extract(model)
-    out_model = output_dir / model_path.name
-    adapter_path = output_dir / (model_path.stem + suffix_for(extract.save_format))
-    save_extracted_model(model, out_model, extract)
-    _write_adapter_file(adapter_path, extract.tensors, extract.contract.fingerprint, extract.save_format)
-    return out_model, adapter_path
+    adapter_name = model_path.stem + suffix_for(extract.save_format)
+    with writing_folder(output_dir, [model_path], overwrite) as staged:
+        save_extracted_model(model, staged / model_path.name, extract)
+        _write_adapter_file(staged / adapter_name, extract.tensors, extract.contract.fingerprint,
+                            extract.save_format)
+    return output_dir / model_path.name, output_dir / adapter_name

@@ -11,6 +11,11 @@ A module gets the union of the forms its adapters use; every form's default is a
 so an adapter fills only its own forms' slots and adapters of different methods (and ranks)
 share one model.
 
+Heads an adapter trains in full (PEFT ``modules_to_save``, every sequence-classification
+adapter's ``classifier``/``score``) become full-weight slots ``<module>.weight``/``.bias`` whose
+defaults are the base head (extract_adapters.add_full_weight_slots), whatever the method; in-graph
+mode bakes the trained head in.
+
 ``mode="slots"``: slots are optional graph inputs named ``<module>.<suffix>``
 (``model.layers.0.self_attn.q_proj.lora_A.weight``; symbolic dims one per module) whose
 defaults are the no-op values (zero rank, ones, identity), so with nothing fed the model is the
@@ -20,6 +25,7 @@ baked in as initializers. The contract (slots + base fingerprint) goes to ``meta
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -38,6 +44,7 @@ from ..errors import (
 from ..formats import save_adapter_file, suffix_for
 from ..graph.branch import graft
 from ..graph.contract import (
+    FULL_WEIGHT_METHOD,
     Contract,
     Slot,
     check_adapter,
@@ -46,7 +53,7 @@ from ..graph.contract import (
     weight_fingerprint,
     write_contract,
 )
-from ..graph.modules import LinearSite, match_module
+from ..graph.modules import LinearSite, map_modules
 from ..graph.op_sites import EmbeddingSite, find_sites, tied_heads
 from ..methods.forms import default_array, form
 from ..targets import is_target
@@ -85,6 +92,8 @@ class InsertAdapters(ir.passes.InPlacePass):
         self.module_maps: dict[str, dict[str, str]] = {}  # adapter -> {its module: graph module}
         self.base_weights: dict[str, np.ndarray] = {}  # module -> W [out, in] (lazy views), after the call
         self.tied: dict[str, str] = {}  # tied head -> embedding whose token rows it mirrors
+        self.full_maps: dict[str, dict[str, str]] = {}  # adapter -> {its modules_to_save Linear: graph module}
+        self.full_biases: set[str] = set()  # graph modules whose trained head has a bias
         self._sites: dict[str, object] = {}
 
     def requires(self, model: ir.Model) -> None:
@@ -117,6 +126,7 @@ class InsertAdapters(ir.passes.InPlacePass):
         slots: list[Slot] = []
         for module in sorted(forms):
             slots.extend(self._graft(model.graph, sites[module], forms[module]))
+        slots.extend(self._full_weights(model.graph, linear, set(forms)))
         self.contract = Contract(slots=slots, fingerprint=weight_fingerprint(self.base_weights))
         write_contract(model.metadata_props, self.contract)
         return ir.passes.PassResult(model, modified=bool(forms))
@@ -127,16 +137,12 @@ class InsertAdapters(ir.passes.InPlacePass):
         adapter module that has no Linear, another size, or slots of another shape."""
         forms: dict[str, dict[str, tuple[str, dict[str, np.ndarray]]]] = {}
         for adapter in self.adapters.values():
-            if adapter.tensors.full:
-                module = sorted(adapter.tensors.full)[0]
-                raise IncompatibleAdapterError(
-                    f"{adapter.source}: module {module} is trained in full (modules_to_save), which insert "
-                    "cannot serve as a slot yet; export the model with this adapter (export --mode inputs "
-                    "for LoRA adapters, --mode merged for any) or merge it (onnx-peft merge)")
+            self._map_full(adapter, sites)
             mapping = self.module_maps.setdefault(adapter.name, {})
             token_rows: dict[str, str] = {}  # graph embedding -> the adapter module training its rows
+            graph_paths = map_modules(adapter.modules, sites)  # one prefix rewrite for the whole adapter
             for module in sorted(adapter.modules):
-                target = match_module(module, sites)
+                target = graph_paths[module]
                 if target is None:
                     near = [m for m in sites if m.rsplit(".", 1)[-1] == module.rsplit(".", 1)[-1]]
                     raise IncompatibleAdapterError(
@@ -164,6 +170,51 @@ class InsertAdapters(ir.passes.InPlacePass):
                     self._check_shapes(adapter, head, sites[head], "tokens", tensors, forms.setdefault(head, {}))
             self._check_complete(adapter, sites, mapping)
         return {m: {f: example for f, (_, example) in by_form.items()} for m, by_form in forms.items()}
+
+    def _map_full(self, adapter: PeftAdapter, sites: Mapping[str, object]) -> None:
+        """Map ``adapter``'s modules_to_save Linears to the graph's; each must be a Linear of the
+        trained weight's shape."""
+        linear = {m: s for m, s in sites.items() if isinstance(s, LinearSite)}
+        paths = map_modules(adapter.tensors.full, linear)
+        mapping = self.full_maps.setdefault(adapter.name, {})
+        for module, parts in sorted(adapter.tensors.full.items()):
+            target, weight = paths[module], parts.get("weight")
+            site = linear.get(target) if target is not None else None
+            if site is None or weight is None or tuple(weight.shape) != (site.out_features, site.in_features):
+                found = f"a {site.in_features} -> {site.out_features} Linear" if site is not None else "no Linear"
+                raise IncompatibleAdapterError(
+                    f"{adapter.source}: module {module} is trained in full (modules_to_save, weight "
+                    f"{list(weight.shape) if weight is not None else 'missing'}) but the model has {found} for it; "
+                    "export the base with the adapters' number of labels (onnx-peft export BASE -o OUT --adapter "
+                    "NAME=DIR --mode inputs) or merge the adapter")
+            mapping[module] = target
+            if "bias" in parts:
+                self.full_biases.add(target)
+
+    def _full_weights(self, graph: ir.Graph, sites: Mapping[str, LinearSite], grafted: set[str]) -> list[Slot]:
+        """Full-weight slots for the heads the adapters train in full (slots mode), or the trained
+        head baked in (in-graph mode)."""
+        targets = sorted({t for mapping in self.full_maps.values() for t in mapping.values()})
+        both = [t for t in targets if t in grafted]
+        if both:
+            raise IncompatibleAdapterError(
+                f"module {both[0]} is trained in full (modules_to_save) by one adapter and adapted by another; "
+                "insert such adapters into separate models")
+        if not targets:
+            return []
+        if self.mode == "in-graph":
+            from .merge_adapters import set_merged_bias, set_merged_weight
+
+            (adapter,) = self.adapters.values()
+            for module, target in self.full_maps[adapter.name].items():
+                parts = adapter.tensors.full[module]
+                set_merged_weight(graph, sites[target], lambda w, t=parts["weight"]: np.asarray(t, np.float32))
+                if "bias" in parts:
+                    set_merged_bias(graph, sites[target], lambda b, t=parts["bias"]: np.asarray(t, np.float32))
+            return []
+        from .extract_adapters import add_full_weight_slots
+
+        return add_full_weight_slots(graph, sites, targets, sorted(self.full_biases & set(targets)))
 
     @staticmethod
     def _check_shapes(adapter: PeftAdapter, module: str, site: LinearSite, name: str,
@@ -277,16 +328,41 @@ def adapter_file_tensors(adapter: PeftAdapter, contract: Contract,
     dtype = float_dtype(contract)
     if module_map is None:
         known = {s.module for s in contract.slots}
-        module_map = {m: match_module(m, known) or m for m in adapter.modules}
+        module_map = {m: t or m for m, t in map_modules(adapter.modules, known).items()}
+    full = _full_slot_tensors(adapter, contract, dtype)
+    if adapter.tensors.full:  # served by the full-weight slots, not by the method's forms
+        adapter = dataclasses.replace(adapter, tensors=dataclasses.replace(adapter.tensors, full={}))
 
     def no_base(module: str) -> np.ndarray:
         raise IncompatibleAdapterError(f"{adapter.source}: module {module} needs its base weight, "
                                        "which is not a constant of the model")
 
-    tensors = mirror_tied(adapter_slots(adapter, dtype, base_weight or no_base, module_map), contract)
+    tensors = mirror_tied({**adapter_slots(adapter, dtype, base_weight or no_base, module_map), **full}, contract)
     shapes = {n: (tuple(t.shape), t.dtype.name) for n, t in tensors.items()}
     check_adapter(contract, shapes, contract.fingerprint, source=adapter.source)
     return tensors
+
+
+def _full_slot_tensors(adapter: PeftAdapter, contract: Contract, dtype: np.dtype) -> dict[str, np.ndarray]:
+    """The adapter's modules_to_save Linears as full-weight slot tensors (weight in the slot's
+    layout, bias as is); IncompatibleAdapterError when the model has no such slot."""
+    if not adapter.tensors.full:
+        return {}
+    slots = {s.name: s for s in contract.slots if s.method == FULL_WEIGHT_METHOD}
+    paths = map_modules(adapter.tensors.full, {s.module for s in slots.values()})
+    out = {}
+    for module, parts in sorted(adapter.tensors.full.items()):
+        for part, array in sorted(parts.items()):
+            slot = slots.get(slot_name(paths[module], part)) if paths[module] is not None else None
+            if slot is None:
+                raise IncompatibleAdapterError(
+                    f"{adapter.source}: module {module} is trained in full (modules_to_save) and the model has no "
+                    f"full-weight slot {slot_name(module, part)!r} for it; insert the adapter into the base model "
+                    "(onnx-peft insert BASE.onnx -o OUT --adapter NAME=DIR) to get one")
+            array = np.asarray(array, np.float32)
+            array = array.T if slot.layout == "in_out" and array.ndim == 2 else array
+            out[slot.name] = np.ascontiguousarray(array).astype(dtype)
+    return out
 
 
 def insert_adapters(base_model_path: str | os.PathLike, adapters: Mapping[str, str | os.PathLike],

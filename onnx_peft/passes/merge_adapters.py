@@ -5,6 +5,14 @@ Two sources of adapters::
     in-graph branch   y = x W^T + s (x A^T) B^T      ->  W' = W + s B A            (LoRA)
                                                       ->  W' = m / ||W + s B A|| * (W + s B A)  (DoRA)
     PEFT adapter dir  adapter_config.json + adapter_model.safetensors, matched to base Linears
+                      (module paths mapped by structure: a wrapper's ``m.model.layers.0...``)
+
+A slot model (``export --mode inputs``, ``insert``, ``extract``) merges too, into a plain model
+without slots (:func:`drop_slots`): with a PEFT dir, the slots are removed (their defaults are
+the base) and the adapter is folded into the base weights; without one, an external-initializer
+model (``--mode external``) folds the adapter its initializers hold, any other slot model says
+to pass the adapter dir. Full-weight head slots keep their default, the base head, unless the
+merged adapter trains the head.
 
 The math is methods.lora's (lora_delta_weight, dora_weight). Each merged weight is an
 ``ir.LazyTensor``: it is computed from the memory-mapped base weight only when the model is
@@ -25,12 +33,15 @@ import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
 from ..errors import IncompatibleAdapterError, NoAdapterSitesError, UnsafePathError
+from ..graph.banks import MULTI_ADAPTER_KEY
+from ..graph.contract import read_contract
 from ..graph.io import load_model, save_model
-from ..graph.modules import LinearSite, constant_array, match_module
+from ..graph.modules import LinearSite, constant_array, map_modules
 from ..graph.op_sites import EmbeddingSite, NormSite, find_sites, tied_heads
 from ..graph.sites import AdapterBranch, find_adapter_branches, remove_branch, remove_dead
 from ..methods.forms import form
 from ..methods.lora import dora_weight
+from .drop_slots import drop_slots
 
 if TYPE_CHECKING:
     from ..convert import PeftAdapter
@@ -156,6 +167,18 @@ class MergeAdapters(InPlacePass):
 
     def call(self, model: ir.Model) -> PassResult:
         self.merged = []
+        contract = read_contract(model.metadata_props)
+        if MULTI_ADAPTER_KEY in model.metadata_props:
+            raise IncompatibleAdapterError(
+                "MergeAdapters: a MultiAdapter model serves rows of several adapters; merge into the slot model "
+                "it was made from (or the base): onnx-peft merge SLOT_MODEL.onnx -o OUT --adapter DIR")
+        if contract is not None and contract.slots:
+            if self.adapter_dir is None and not contract.external:
+                raise IncompatibleAdapterError(
+                    "MergeAdapters: the model takes its adapters from slot inputs and holds none itself; name the "
+                    "adapter to fold in: onnx-peft merge MODEL.onnx -o OUT --adapter ADAPTER_DIR (the slots are "
+                    "dropped: the result is the base with that adapter merged)")
+            drop_slots(model, keep_held=self.adapter_dir is None)
         if self.adapter_dir is not None:
             self._merge_dir(model)
         else:
@@ -167,8 +190,8 @@ class MergeAdapters(InPlacePass):
         inputs = [m for m, b in branches.items() if b.is_input]
         if inputs:
             raise IncompatibleAdapterError(
-                f"MergeAdapters: module {inputs[0]} takes its adapter from graph inputs (an extracted "
-                "model); merge the PEFT adapter dir with adapter_dir=... (`--adapter DIR`) instead"
+                f"MergeAdapters: module {inputs[0]} takes its adapter from graph inputs and the model records no "
+                "slots; name the adapter to fold in: onnx-peft merge MODEL.onnx -o OUT --adapter ADAPTER_DIR"
             )
         if not branches:
             if self.strict:
@@ -201,15 +224,16 @@ class MergeAdapters(InPlacePass):
                 f"{source}: the model already has adapter branches; merge those first (no --adapter)"
             )
         sites = find_sites(model)
-        unmapped = [m for m in adapter.modules if match_module(m, sites) is None]
+        paths = map_modules(adapter.modules, sites)  # by structure: one prefix rewrite for the adapter
+        unmapped = [m for m in adapter.modules if paths[m] is None]
         if unmapped:
             raise IncompatibleAdapterError(
                 f"{source}: {len(unmapped)} adapter target(s) match no Linear, embedding or norm of the model, e.g. "
                 f"{', '.join(sorted(unmapped)[:3])}; the model has e.g. {', '.join(list(sites)[:3])}"
             )
-        targets = {match_module(m, sites) for m in adapter.modules}
+        targets = set(paths.values())
         for module in sorted(adapter.modules):
-            site = sites[match_module(module, sites)]
+            site = sites[paths[module]]
             if not isinstance(site, LinearSite):
                 self._merge_op_site(model, adapter, module, site, sites, targets)
                 continue
@@ -279,8 +303,9 @@ class MergeAdapters(InPlacePass):
     def _replace_saved_modules(self, model: ir.Model, adapter: PeftAdapter, sites: dict[str, LinearSite]) -> None:
         """Modules trained in full (modules_to_save heads) take their trained weight and bias."""
         sites = {m: s for m, s in sites.items() if isinstance(s, LinearSite)}
+        paths = map_modules([*adapter.modules, *adapter.tensors.full], sites)
         for module, parts in sorted(adapter.tensors.full.items()):
-            target = match_module(module, sites)
+            target = paths[module]
             weight = parts.get("weight")
             if target is None or weight is None or weight.shape != (sites[target].out_features, sites[target].in_features):
                 raise IncompatibleAdapterError(

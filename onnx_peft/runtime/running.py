@@ -120,7 +120,8 @@ class AdapterRunning:
                 if len(adapter) != batch:
                     raise RuntimeSessionError(f"adapter list has {len(adapter)} entries but the batch has {batch} rows")
                 adapter = next(iter(distinct), None)
-            return dict(by_name[adapter].values) if adapter is not None else {}
+            noop = {k: v for k, v in self._noop.items() if k not in feeds}  # external models: the base
+            return {**noop, **by_name[adapter].values} if adapter is not None else noop
         assert banks is not None
         batch = self._batch_size(feeds)
         if isinstance(adapter, (list, tuple)):

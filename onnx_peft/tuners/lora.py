@@ -316,15 +316,31 @@ class Embedding(LoraLayer):
 
 class Conv(LoraLayer):
     """LoRA on ``nn.Conv1d/2d/3d``: lora_A is a conv with the base kernel, stride, padding and
-    dilation; lora_B a 1x1 conv. x: ``[batch, in, *spatial]`` -> ``[batch, out, *spatial']``."""
+    dilation; lora_B a 1x1 conv. x: ``[batch, in, *spatial]`` -> ``[batch, out, *spatial']``.
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        if base_layer.groups != 1:
+    A grouped base (``groups = g > 1``, depthwise included) is adapted as PEFT does: lora_A stays a
+    full conv ``in -> r`` (weight ``[r, in, *k]``) and lora_B is grouped like the base
+    (``[out, r / g, 1...]``, ``groups=g``), so r must be a multiple of g. Such an update mixes
+    channels across groups, which the grouped base weight ``[out, in / g, *k]`` cannot hold: it
+    stays unmerged (PEFT refuses to merge it too), and DoRA, which needs the merged weight's
+    norm, is refused.
+    """
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
+                     init_lora_weights: bool | str, use_rslora: bool, use_dora: bool,
+                     loftq_config: dict | None = None) -> None:
+        groups = self.base_layer.groups
+        if groups > 1 and r % groups:
             raise AdapterConfigError(
-                f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported; "
-                "exclude this module with exclude_modules"
-            )
+                f"LoRA on a grouped {type(self.base_layer).__name__} (groups={groups}) needs a rank that is a "
+                f"multiple of {groups}, got r={r}; choose r (or rank_pattern for this module) as a multiple of "
+                f"{groups}, or leave the module out (exclude_modules)")
+        if groups > 1 and use_dora:
+            raise AdapterConfigError(
+                f"DoRA on a grouped {type(self.base_layer).__name__} (groups={groups}) needs the merged weight, "
+                "which a grouped convolution cannot hold; use plain LoRA (use_dora=False) or exclude the module")
+        super().update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora,
+                             loftq_config)
 
     def _create_weights(self, adapter_name: str, r: int, init: bool | str) -> None:
         base = self.base_layer
@@ -332,7 +348,23 @@ class Conv(LoraLayer):
         self.lora_A[adapter_name] = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding,
                                          base.dilation, bias=False)
         ones = (1,) * len(base.kernel_size)
-        self.lora_B[adapter_name] = conv(r, base.out_channels, ones, ones, bias=False)
+        self.lora_B[adapter_name] = conv(r, base.out_channels, ones, ones, groups=base.groups, bias=False)
+
+    def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        self._refuse_grouped_merge()
+        return super().merged_weight(adapter_name, weight)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        self._refuse_grouped_merge()
+        return super().get_delta_weight(adapter_name)
+
+    def _refuse_grouped_merge(self) -> None:
+        groups = self.base_layer.groups
+        if groups > 1:
+            raise AdapterConfigError(
+                f"LoRA on a grouped {type(self.base_layer).__name__} (groups={groups}) cannot be merged: its update "
+                "mixes channels across groups, which the grouped weight cannot hold (PEFT refuses too); keep the "
+                "adapter unmerged (export --mode in-graph)")
 
     def _magnitude_shape(self) -> tuple[int, ...]:
         return (1, -1) + (1,) * len(self.base_layer.kernel_size)
