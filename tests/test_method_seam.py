@@ -70,7 +70,9 @@ def _example(form: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
             "dense": {"delta.weight": rng.standard_normal((IN, OUT))},
             "dora": {"dora_factor": 1 + rng.random(OUT)},
             "ia3_out": {"ia3_l.out": rng.random(OUT)}, "ia3_in": {"ia3_l.in": rng.random(IN)},
-            "rotate_in": {"rotation.weight": rng.standard_normal((2, 4, 4))}}[form]
+            "rotate_in": {"rotation.weight": rng.standard_normal((2, 4, 4))},
+            "rotate_out": {"rotate_out.cos": rng.standard_normal((3, 2)), "rotate_out.sin": rng.standard_normal((3, 2))},
+            }[form]
 
 
 def _reference(form: str, t: dict[str, np.ndarray], x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -82,6 +84,10 @@ def _reference(form: str, t: dict[str, np.ndarray], x: np.ndarray, w: np.ndarray
         rotated = np.einsum("...nk,nkc->...nc", x.reshape(*x.shape[:-1], 2, 4), r).reshape(x.shape)
         return rotated @ w + b
     y = x @ w + b
+    if form == "rotate_out":  # groups of 2: each output pairs with its neighbour
+        pairs = y.reshape(*y.shape[:-1], 3, 2, 1)
+        cos, sin = (t[k].reshape(3, 2, 1) for k in ("rotate_out.cos", "rotate_out.sin"))
+        return (pairs * cos + pairs[..., ::-1, :] * sin).reshape(y.shape)
     if form == "lora":
         return y + (x @ t["lora_A.weight"]) @ t["lora_B.weight"]
     if form == "dense":

@@ -12,6 +12,8 @@ because each one's default is an exact no-op an adapter fills only its own forms
                       dense      y' = y + x'[.., :d] D      D [d, out]        d = 0 (no rows)
     stage 2 (output)  dora       y' = (y - bias) f + bias   f [out]           ones
                       ia3_out    y' = y * l                 l [out]           ones
+                      rotate_out y' = y C + swap(y) S       C, S [n, g]       ones, zeros
+                                 (pairs g/2 apart in groups of g, n g = out; see RotateOutForm)
                       tokens     rows ``idx`` of a table replaced (see TokensForm)   idx [k] int64, R [k, h]  k = 0
 
 Two forms sit on other sites (graph/op_sites.py): ``tokens`` on an embedding lookup (and on the
@@ -19,9 +21,9 @@ Linear of a head tied to it), ``norm`` on a LayerNorm / RMSNorm::
 
     norm       w' = w + dw, b' = b + db  (scale and shift)   dw, db [hidden]   zeros
 
-Which methods use which: LoRA/rsLoRA/VeRA/AdaLoRA/MiSS/HRA -> lora (scales, projections and
+Which methods use which: LoRA/rsLoRA/VeRA/AdaLoRA/MiSS/HRA/DeLoRA -> lora (scales, projections and
 reflections folded in numpy); DoRA -> lora + dora; BOFT -> rotate_in (one dense block) + dora;
-OFT -> rotate_in; IA3 -> ia3_in or ia3_out; LoHa/LoKr/FourierFT -> dense (no per-row form);
+OFT -> rotate_in; RoAd -> rotate_out; IA3 -> ia3_in or ia3_out; LoHa/LoKr/FourierFT -> dense (no per-row form);
 LN Tuning -> norm; Trainable Tokens (and LoRA's trainable_token_indices) -> tokens.
 """
 
@@ -181,6 +183,43 @@ class RotateInForm(Form):
         g.x = g.op("Reshape", [rotated, g.op("Shape", [g.x], "rotate_shape")], "rotate_back")
 
 
+class RotateOutForm(Form):
+    """2-D rotations of the output in groups (RoAd): ``y [.., out]`` viewed as ``[.., n, 2, g/2]``
+    (``n g = out``), each element paired with the one ``g/2`` away in its group::
+
+        y' = y * C + swap(y) * S        C, S [n, g]; swap exchanges the two halves of each group
+
+    ``C = ones``, ``S = zeros`` is the no-op. Elementwise: ``4 out`` flops a token, any ``g``."""
+
+    name, stage = "rotate_out", 2
+    C, S = "rotate_out.cos", "rotate_out.sin"
+
+    def slot_specs(self, module, in_features, out_features, example):
+        n, size = (1, out_features) if example is None else tuple(int(d) for d in example[self.C].shape[-2:])
+        return [SlotSpec(self.C, (n, size), "ones"), SlotSpec(self.S, (n, size), "zeros")]
+
+    def build(self, g, v):
+        cos, sin = v[self.C], v[self.S]
+        shape = cos.shape if cos.shape is not None else getattr(cos.const_value, "shape", None)
+        if shape is None:
+            from ..errors import OnnxPeftError
+
+            raise OnnxPeftError(f"{g.module}: the rotation slot {cos.name} has no known shape")
+        n, half = int(shape[-2]), int(shape[-1]) // 2
+        if g.batched:  # y [batch, s, out] -> [batch, s, n, 2, half]; C [batch, n, g] -> [batch, 1, n, 2, half]
+            groups = g.op("Reshape", [g.y, g.const([0, -1, n, 2, half])], "rotate_out_groups")
+            view = g.const([0, 1, n, 2, half])
+        else:         # y [.., out] -> [-1, n, 2, half]; C [n, g] -> [n, 2, half]
+            groups = g.op("Reshape", [g.y, g.const([-1, n, 2, half])], "rotate_out_groups")
+            view = g.const([n, 2, half])
+        cos = g.op("Reshape", [cos, view], "rotate_out_cos")
+        sin = g.op("Reshape", [sin, view], "rotate_out_sin")
+        swapped = g.op("Gather", [groups, g.const([1, 0])], "rotate_out_swap", axis=-2)
+        rotated = g.op("Add", [g.op("Mul", [groups, cos], "rotate_out_c"), g.op("Mul", [swapped, sin], "rotate_out_s")],
+                       "rotate_out")
+        g.y = g.op("Reshape", [rotated, g.op("Shape", [g.y], "rotate_out_shape")], "rotate_out_back")
+
+
 class TokensForm(Form):
     """Rows ``idx [k]`` (int64) of a table replaced by ``R [k, h]``, exactly: with the one-hot
     ``m = (ids == idx)`` ``[.., k]`` and ``hit = sum(m)`` ``[.., 1]`` (0 or 1)::
@@ -262,7 +301,7 @@ class NormForm(Form):
 
 
 FORMS: dict[str, Form] = {f.name: f for f in (Ia3InForm(), RotateInForm(), LoraForm(), DenseForm(),
-                                              DoraForm(), Ia3OutForm(), TokensForm(), NormForm())}
+                                              DoraForm(), Ia3OutForm(), RotateOutForm(), TokensForm(), NormForm())}
 
 
 def form(name: str) -> Form:

@@ -70,14 +70,13 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
-from ..errors import IncompatibleAdapterError, NoAdapterSitesError, OnnxPeftError
+from ..errors import NoAdapterSitesError, OnnxPeftError
 from ..formats import suffix_for
 from ..graph.branch import graft_slot_branch
 from ..graph.contract import (
     FULL_WEIGHT_METHOD,
     Contract,
     Slot,
-    check_adapter,
     rank_dim,
     slot_name,
     weight_fingerprint,
@@ -85,6 +84,16 @@ from ..graph.contract import (
 )
 from ..graph.io import load_model, save_model, save_model_with_side_data
 from ..graph.modules import LinearSite, constant_array, find_linear_sites
+from ..graph.packing import (  # noqa: F401  (public here too: the pass writes what these read)
+    PACKED_PREFIX,
+    PACKING_KEY,
+    pack_adapter_tensors,
+    packed_input_names,
+    packing_groups,
+    read_packing,
+    slot_default,
+    unpack_adapter_tensors,
+)
 from ..graph.sites import AdapterBranch, find_adapter_branches, remove_branch, remove_dead
 from ..methods.lora import dora_factor
 
@@ -92,8 +101,6 @@ A_SLOT = "lora_A.weight"
 B_SLOT = "lora_B.weight"
 DORA_SLOT = "dora_factor"
 SAVE_FORMATS = ("onnx_adapter", "safetensors", "npz")
-PACKED_PREFIX = "packed_adapters"
-PACKING_KEY = "onnx_peft.packing"
 EXTERNAL_KEY = "onnx_peft.external_adapters"
 _SPLIT_MIN_OPSET = 13  # Split takes its sizes as an input from opset 13 on
 
@@ -114,81 +121,6 @@ def slot_tensors(branch: AdapterBranch, dtype: np.dtype) -> dict[str, np.ndarray
             factor = dora_factor(weight, delta, branch.dora_magnitude(weight, delta))
         tensors[slot_name(branch.module, DORA_SLOT)] = np.asarray(factor, np.float32).reshape(-1).astype(dtype)
     return tensors
-
-
-def slot_default(slot: Slot) -> np.ndarray:
-    """What a slot holds when nothing is fed: symbolic dims at 0 (rank 0: A ``[in, 0]``), ones
-    (DoRA's factor, IA3) or identity blocks (rotations)."""
-    from ..methods.forms import default_array
-
-    shape = tuple(d if isinstance(d, int) else 0 for d in slot.shape)
-    return default_array(shape, slot.default_kind, np.dtype(slot.dtype))
-
-
-# -- packing -----------------------------------------------------------------------------------
-def packed_input_names(dtype: Any) -> tuple[str, str]:
-    """``("packed_adapters.float32", "packed_adapters.float32.sizes")`` for one dtype."""
-    data = f"{PACKED_PREFIX}.{np.dtype(dtype).name}"
-    return data, f"{data}.sizes"
-
-
-def packing_groups(contract: Contract) -> dict[str, list[Slot]]:
-    """dtype name -> its slots in contract order: the order they are packed in."""
-    groups: dict[str, list[Slot]] = {}
-    for slot in contract.slots:
-        groups.setdefault(np.dtype(slot.dtype).name, []).append(slot)
-    return groups
-
-
-def pack_adapter_tensors(contract: Contract, tensors: Mapping[str, np.ndarray], source: str = "adapter"
-                         ) -> dict[str, np.ndarray]:
-    """Slot tensors -> the feeds of a packed model: ``{packed_adapters.<dtype>: [total],
-    packed_adapters.<dtype>.sizes: int64 [n_slots]}``.
-
-    ``tensors`` may cover only some modules; the others get :func:`slot_default` (rank 0).
-    Raises IncompatibleAdapterError when ``tensors`` do not fit the contract.
-    """
-    check_adapter(contract, {n: (np.shape(a), np.asarray(a).dtype.name) for n, a in tensors.items()},
-                  source=source)
-    feeds: dict[str, np.ndarray] = {}
-    for dtype, slots in packing_groups(contract).items():
-        parts = [np.asarray(tensors[s.name]) if s.name in tensors else slot_default(s) for s in slots]
-        data, sizes = packed_input_names(dtype)
-        feeds[data] = np.concatenate([p.reshape(-1) for p in parts]).astype(dtype, copy=False)
-        feeds[sizes] = np.array([p.size for p in parts], np.int64)
-    return feeds
-
-
-def unpack_adapter_tensors(contract: Contract, packed: Mapping[str, np.ndarray], source: str = "adapter"
-                           ) -> dict[str, np.ndarray]:
-    """The inverse of :func:`pack_adapter_tensors`; modules left at rank 0 are dropped."""
-    tensors: dict[str, np.ndarray] = {}
-    for dtype, slots in packing_groups(contract).items():
-        data_name, sizes_name = packed_input_names(dtype)
-        if data_name not in packed or sizes_name not in packed:
-            raise IncompatibleAdapterError(f"{source}: no {data_name!r}/{sizes_name!r}; is it a packed adapter?")
-        data, sizes = np.asarray(packed[data_name]).reshape(-1), np.asarray(packed[sizes_name]).reshape(-1)
-        if len(sizes) != len(slots) or int(sizes.sum()) != data.size or (sizes < 0).any():
-            raise IncompatibleAdapterError(
-                f"{source}: {sizes_name} lists {len(sizes)} sizes summing to {int(sizes.sum())}; the model "
-                f"packs {len(slots)} slots into {data_name} of {data.size} elements"
-            )
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        for slot, start, size in zip(slots, starts.tolist(), sizes.tolist()):
-            fixed = int(np.prod([d for d in slot.shape if isinstance(d, int)]))
-            if (fixed == 0 and size) or (fixed and size % fixed):
-                raise IncompatibleAdapterError(f"{source}: slot {slot.name!r} gets {size} elements, "
-                                               f"which do not fill shape {list(slot.shape)}")
-            shape = [d if isinstance(d, int) else (size // fixed if fixed else 0) for d in slot.shape]
-            tensors[slot.name] = data[start:start + size].reshape(shape)
-    empty = {s.module for s in contract.slots if s.name in tensors and tensors[s.name].size == 0}
-    return {name: array for name, array in tensors.items() if contract.slot_map()[name].module not in empty}
-
-
-def read_packing(metadata_props: Mapping[str, str]) -> dict[str, dict[str, Any]] | None:
-    """The packed inputs of a model (``{dtype: {"data", "sizes", "slots"}}``), or None."""
-    text = metadata_props.get(PACKING_KEY)
-    return json.loads(text) if text else None
 
 
 class ExtractAdapters(InPlacePass):

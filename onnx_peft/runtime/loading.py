@@ -49,7 +49,7 @@ class AdapterLoading:
         if prompt is not None:
             return self._add(name, self._checked_prompt(name, prompt))
         if self.packing and any(k in self._managed for k in tensors):
-            from ..passes.extract_adapters import unpack_adapter_tensors
+            from ..graph.packing import unpack_adapter_tensors
 
             tensors = unpack_adapter_tensors(self.contract, tensors, source=label)
         check_adapter(self.contract, {k: (tuple(v.shape), v.dtype.name) for k, v in tensors.items()},
@@ -60,7 +60,7 @@ class AdapterLoading:
         arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
         feeds = arrays
         if self.packing:
-            from ..passes.extract_adapters import pack_adapter_tensors
+            from ..graph.packing import pack_adapter_tensors
 
             feeds = pack_adapter_tensors(self.contract, arrays, source=label)
         values = {} if self.layout is not None else {k: self._to_device(v) for k, v in feeds.items()}
@@ -89,7 +89,7 @@ class AdapterLoading:
         adapter is chosen: no adapter = the base, as with every other slot model."""
         if not self.contract.external:
             return {}, {}
-        from ..passes.extract_adapters import slot_default
+        from ..graph.packing import slot_default
 
         arrays = {s.name: slot_default(s) for s in self.contract.slots
                   if s.method != FULL_WEIGHT_METHOD and s.name in self._inputs}

@@ -76,7 +76,7 @@ class AdapterSession(AdapterLoading, AdapterRunning, AdapterGeneration):
         self._managed = set() if self.layout is None else {b.bank for b in self.layout.banks}
         # A model extracted with pack_inputs takes each dtype's slots as one flat input; the
         # session checks adapters slot by slot, then packs them once at load time.
-        from ..passes.extract_adapters import read_packing
+        from ..graph.packing import read_packing
 
         self.packing = read_packing(metadata)
         if self.packing:
