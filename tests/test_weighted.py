@@ -195,3 +195,28 @@ def test_dora_adapters_cannot_be_combined():
 
     with pytest.raises(AdapterConfigError, match="DoRA"):
         ours.add_weighted_adapter(["a", "b"], [1.0, 1.0], "mix", combination_type="linear")
+
+
+def test_ia3_weighted_adapter_equals_peft():
+    """PEFT supports add_weighted_adapter for IA3 too: the weighted sum of the scaling vectors."""
+    import peft
+    from tiny_models import TOL, perturb_trainable, tiny_llama
+
+    import onnx_peft
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    kwargs_a = dict(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"])
+    kwargs_b = dict(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    theirs = peft.get_peft_model(tiny_llama(), peft.IA3Config(**kwargs_a))
+    theirs.add_adapter("b", peft.IA3Config(**kwargs_b))
+    perturb_trainable(theirs, select=("ia3_l",), around=1.0)
+    ours = onnx_peft.get_peft_model(tiny_llama(), onnx_peft.IA3Config(**kwargs_a))
+    ours.add_adapter("b", onnx_peft.IA3Config(**kwargs_b))
+    ours.load_state_dict(theirs.state_dict())
+    theirs.add_weighted_adapter(["default", "b"], [0.7, 0.5], "mix")
+    ours.add_weighted_adapter(["default", "b"], [0.7, 0.5], "mix")
+    theirs.set_adapter("mix")
+    ours.set_adapter("mix")
+    with torch.no_grad():
+        assert (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max() <= TOL
+    assert sorted(ours.peft_config["mix"].target_modules) == ["down_proj", "q_proj", "v_proj"]

@@ -1,4 +1,6 @@
-"""add_weighted_adapter: build a new LoRA adapter from a weighted combination of others.
+"""add_weighted_adapter: build a new LoRA (or IA3) adapter from a weighted combination of others.
+
+IA3 (as PEFT): the new scaling vector is the weighted sum of the adapters' vectors.
 
 combination_type (PEFT's names):
 - "linear": same rank; A = sum(sqrt(w s) A_i), B = sum(sqrt(w s) B_i) (task arithmetic on factors)
@@ -126,10 +128,12 @@ def add_weighted_adapter(model: PeftModel, adapters: list[str], weights: list[fl
     if adapter_name in model.peft_config:
         raise AdapterConfigError(f"adapter {adapter_name!r} already exists")
     configs = [model.peft_config[a] for a in adapters]
+    if all(c.peft_type == "IA3" for c in configs):
+        return add_weighted_ia3(model, adapters, weights, adapter_name)
     other = next((c for c in configs if c.peft_type != "LORA"), None)
     if other is not None:
-        raise AdapterConfigError(f"add_weighted_adapter combines LoRA adapters; {other.peft_type} adapters "
-                                 "cannot be combined (as in PEFT)")
+        raise AdapterConfigError(f"add_weighted_adapter combines LoRA adapters or IA3 adapters; {other.peft_type} "
+                                 "adapters cannot be combined (as in PEFT)")
     if any(c.use_dora for c in configs):
         raise AdapterConfigError("add_weighted_adapter cannot combine DoRA adapters (their magnitudes do not add)")
     combination_type = "linear" if len(adapters) == 1 else combination_type
@@ -197,3 +201,33 @@ def _fill(layer: LoraLayer, target: str, adapters: list[str], weights: list[floa
         Bs = [_factors(layer, a)[1] for a, _ in present]
         new_A.copy_(combine(As, weights_A.to(As[0].dtype), combination_type, density, majority_sign_method))
         new_B.copy_(combine(Bs, weights_B.to(Bs[0].dtype), combination_type, density, majority_sign_method))
+
+
+def _union(values: list) -> list[str] | str | None:
+    """PEFT's union of module selections: regexes joined by ``|``, lists merged."""
+    if all(v is None for v in values):
+        return None
+    if len({type(v) for v in values}) > 1:
+        raise AdapterConfigError("cannot combine adapters whose module selections mix regex strings and lists")
+    if isinstance(values[0], str):
+        return "|".join(f"({v})" for v in values)
+    return sorted(reduce(lambda a, b: a | set(b), values, set()))
+
+
+def add_weighted_ia3(model: PeftModel, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+    """IA3, as PEFT: the new vector is ``sum_i w_i l_i`` over the adapters a module has (others add
+    nothing); target and feedforward modules are the union of theirs."""
+    from .ia3 import IA3Layer
+
+    configs = [model.peft_config[a] for a in adapters]
+    config = dataclasses.replace(configs[0], target_modules=_union([c.target_modules for c in configs]),
+                                 feedforward_modules=_union([c.feedforward_modules for c in configs]))
+    model.add_adapter(adapter_name, config)
+    with torch.no_grad():
+        for _, layer in model._layers():
+            if isinstance(layer, IA3Layer) and adapter_name in layer.ia3_l:
+                target = layer.ia3_l[adapter_name]
+                target.zero_()
+                for adapter, weight in zip(adapters, weights):
+                    if adapter in layer.ia3_l:
+                        target.add_(layer.ia3_l[adapter] * weight)
