@@ -473,6 +473,10 @@ class PeftModel(nn.Module):
     def _load_weights(self, model_id: str | os.PathLike, adapter_name: str, allow_pickle: bool) -> None:
         """Copy checkpoint tensors into the adapter; every key must land, every shape must fit."""
         tensors = load_adapter_weights(model_id, allow_pickle=allow_pickle)
+        tuner = method_for(self.peft_config[adapter_name]).tuner()
+        if hasattr(tuner, "load_tensors"):  # a method's compact checkpoint layout (VB-LoRA's top-k weights)
+            loaded = tuner.load_tensors(self.peft_config[adapter_name], {k: _to_torch(v) for k, v in tensors.items()})
+            tensors = {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in loaded.items()}
         state = self.state_dict(keep_vars=True)
         expected = self.adapter_state_dict(adapter_name)
         ours = {peft_key(name, adapter_name): name for name in state}
