@@ -124,7 +124,7 @@ def _no_base(source: str) -> BaseWeights:
     def read(module: str) -> np.ndarray:
         raise IncompatibleAdapterError(
             f"{source}: module {module} needs the base layer (its weight or its size: DoRA, HRA, VeRA, "
-            "MiSS, FourierFT) for its slots; pass the model (--model) so it can be read")
+            "MiSS, FourierFT, OSF, ...) for its slots; pass the model (--model) so it can be read")
     return read
 
 
