@@ -31,6 +31,12 @@ _LAZY: dict[str, tuple[str, bool]] = {
     "prepare_model_for_kbit_training": ("onnx_peft.quant.layers", True),
     "LoftQConfig": ("onnx_peft.quant.loftq", True),
     "replace_lora_weights_loftq": ("onnx_peft.quant.loftq", True),
+    "create_loraplus_optimizer": ("onnx_peft.optimizers.loraplus", True),
+    "create_lorafa_optimizer": ("onnx_peft.optimizers.lorafa", True),
+    "LoraFAOptimizer": ("onnx_peft.optimizers.lorafa", True),
+    "EvaConfig": ("onnx_peft.tuners.lora_init.eva", True),
+    "get_eva_state_dict": ("onnx_peft.tuners.lora_init.eva", True),
+    "initialize_lora_eva_weights": ("onnx_peft.tuners.lora_init.eva", True),
 }
 
 __all__ = ["AdapterConfig", "LoraConfig", "OnnxPeftError", "export", *_LAZY]

@@ -89,7 +89,7 @@ def test_set_of_target_modules_is_stored_as_a_sorted_list():
     ({**PEFT_WRITTEN, "r": "8"}, "r must be a positive integer"),
     ({**PEFT_WRITTEN, "bias": "some"}, "bias must be"),
     ({**PEFT_WRITTEN, "lora_dropout": 1.5}, "lora_dropout"),
-    ({**PEFT_WRITTEN, "init_lora_weights": "eva"}, "init_lora_weights='eva'"),
+    ({**PEFT_WRITTEN, "init_lora_weights": "corda"}, "init_lora_weights='corda'"),
     ({**PEFT_WRITTEN, "layers_pattern": "layers"}, "layers_pattern needs layers_to_transform"),
     ({**PEFT_WRITTEN, "target_modules": ".*proj", "layers_to_transform": [0]}, "regex"),
 ])

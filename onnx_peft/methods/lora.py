@@ -27,7 +27,7 @@ from ..errors import AdapterConfigError, IncompatibleAdapterError
 from ..targets import pattern_value
 from .trainable_tokens import LORA_DELTA, check_indices, replace_rows, token_slots
 
-_INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq")
+_INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq", "eva")
 
 
 @register_config
@@ -53,6 +53,7 @@ class LoraConfig(AdapterConfig):
     alpha_pattern: dict[str, int | float] = field(default_factory=dict)
     use_dora: bool = False
     loftq_config: dict[str, Any] = field(default_factory=dict)  # LoftQConfig fields (init "loftq")
+    eva_config: dict[str, Any] | None = None  # EvaConfig fields (init "eva", tuners/lora_init/eva.py)
     # rows of embeddings trained next to the LoRA weights (methods/trainable_tokens.py): a list for
     # the input embedding, or {embedding module name: list}
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
@@ -60,6 +61,8 @@ class LoraConfig(AdapterConfig):
     def validate(self) -> None:
         if dataclasses.is_dataclass(self.loftq_config):  # a LoftQConfig: stored as PEFT writes it
             self.loftq_config = dataclasses.asdict(self.loftq_config)
+        if dataclasses.is_dataclass(self.eva_config):  # an EvaConfig, likewise
+            self.eva_config = dataclasses.asdict(self.eva_config)
         if not isinstance(self.r, int) or self.r <= 0:
             raise AdapterConfigError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
         check_positive_ints(self.rank_pattern, "LoraConfig.rank_pattern")
@@ -78,7 +81,7 @@ class LoraConfig(AdapterConfig):
         ):
             raise AdapterConfigError(
                 f"LoraConfig.init_lora_weights={init!r} is not supported; use True, False, "
-                "'gaussian', 'pissa', 'pissa_niter_N', 'olora' or 'loftq'"
+                "'gaussian', 'pissa', 'pissa_niter_N', 'olora', 'loftq' or 'eva' (then initialize_lora_eva_weights)"
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise AdapterConfigError("LoraConfig.layers_pattern needs layers_to_transform")
