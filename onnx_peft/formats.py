@@ -200,7 +200,18 @@ def load_adapter_file(path: str | os.PathLike,
             check({name: (tuple(a.shape), a.dtype.name) for name, a in tensors.items()})
     if not tensors:
         raise CheckpointError(f"{path}: holds no adapter tensors; convert the adapter again")
+    refuse_non_finite(tensors, path)
     return tensors, fingerprint
+
+
+def refuse_non_finite(tensors: Mapping[str, np.ndarray], source: str | os.PathLike) -> None:
+    """A NaN or infinite weight turns every output it touches into NaN: refuse the file, naming
+    the tensor, instead of serving (or converting, or merging) it."""
+    for name, array in tensors.items():
+        if (array.dtype.kind in "fc" or array.dtype.name == "bfloat16") and not np.isfinite(array).all():
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            raise CheckpointError(f"{source}: tensor {name!r} holds {bad} NaN or infinite values; the adapter "
+                                  "is damaged or its training diverged, save it again from a good checkpoint")
 
 
 def _read_onnx_adapter(path: Path) -> tuple[dict[str, np.ndarray], str]:
@@ -233,4 +244,5 @@ def read_peft_adapter(directory: str | os.PathLike, allow_pickle: bool = False
     if not tensors:  # (PeftModel.from_pretrained reads X-LoRA dirs, which may be empty, without this check)
         raise CheckpointError(f"{directory}: the adapter weights hold no tensors; the adapter was saved empty "
                               "or truncated, save it again")
+    refuse_non_finite(tensors, directory)
     return config, tensors

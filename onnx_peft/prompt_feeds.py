@@ -67,8 +67,9 @@ class PromptLayout:
             return None
         try:
             return cls(**json.loads(text))
-        except (TypeError, ValueError) as exc:
-            raise IncompatibleAdapterError(f"corrupt {PROMPT_KEY} metadata in the model ({exc}); export it again") from None
+        except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: nesting past the limit
+            raise IncompatibleAdapterError(f"corrupt {PROMPT_KEY} metadata in the model ({type(exc).__name__}: "
+                                           f"{str(exc)[:120]}); export it again") from None
 
 
 @dataclass

@@ -510,3 +510,93 @@ def test_a_session_on_a_model_with_a_corrupt_contract_is_a_typed_error(tmp_path,
     onnx.save(model, path)
     with pytest.raises(OnnxPeftError, match=CONTRACT_KEY):
         AdapterSession(path)
+
+
+# -- found by tests/fuzz -------------------------------------------------------------------------
+def test_inspect_checks_the_multi_adapter_metadata_it_shows(tmp_path, model_path):
+    import onnx
+
+    from onnx_peft.inspect import inspect_path
+
+    model = onnx.load(model_path)
+    prop = model.metadata_props.add()
+    prop.key, prop.value = MULTI_ADAPTER_KEY, json.dumps({"banks": [None]})  # was: KeyError 'ids_input'
+    onnx.save(model, tmp_path / "m.onnx")
+    with pytest.raises(ModelFileError, match=r"banks\[0\]"):
+        inspect_path(tmp_path / "m.onnx")
+
+
+def _lying_initializer(path: Path, source: Path, lie: str) -> Path:
+    import onnx
+    from onnx import TensorProto
+
+    model = onnx.load(source)
+    tensor = next(t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT)
+    if lie == "dims":
+        tensor.dims.append(2)
+    elif lie == "dtype":
+        tensor.data_type = TensorProto.DOUBLE
+    else:  # a string tensor whose bytes sit in raw_data: it reads back as no strings
+        tensor.data_type = TensorProto.STRING
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("lie", ["dims", "dtype", "string"])
+def test_an_initializer_whose_bytes_do_not_fill_its_shape_is_refused_at_load(tmp_path, model_path, lie):
+    from onnx_peft.graph.io import load_model
+    from onnx_peft.passes.multi_adapter import multi_adapter
+
+    path = _lying_initializer(tmp_path / "lie.onnx", model_path, lie)
+    with pytest.raises(ModelFileError, match="tensor .* the model file is corrupt") as info:
+        load_model(path)
+    assert str(path) in str(info.value)
+    with pytest.raises(ModelFileError):  # was: re-emitted as a tensor nobody can read back
+        multi_adapter(path, tmp_path / "multi")
+    assert not (tmp_path / "multi").exists()
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz", ".onnx_adapter"])
+def test_adapter_files_with_nan_or_inf_weights_are_refused_naming_the_tensor(tmp_path, suffix):
+    tensors = make_adapter(4, 1)
+    name = f"{MODULES[1]}.lora_B.weight"
+    tensors[name][0, 0] = np.inf if suffix == ".npz" else np.nan
+    path = save_adapter_file(tmp_path / f"a{suffix}", tensors, "abcd")
+    with pytest.raises(CheckpointError, match="NaN or infinite") as info:
+        load_adapter_file(path)
+    assert name in str(info.value) and str(path) in str(info.value)
+
+
+def test_a_peft_dir_with_nan_weights_is_refused(tmp_path):
+    from onnx_peft.checkpoint import write_safetensors
+
+    folder = write_config(tmp_path / "a", {**LORA, "target_modules": ["fc"], "r": 2})
+    write_safetensors(folder / "adapter_model.safetensors",
+                      {"base_model.model.fc.lora_A.weight": np.full((2, 4), np.nan, np.float32),
+                       "base_model.model.fc.lora_B.weight": np.zeros((3, 2), np.float32)})
+    with pytest.raises(CheckpointError, match="lora_A.weight' holds 8 NaN"):
+        read_peft_adapter(folder)
+
+
+def test_insert_into_a_model_with_slots_or_a_corrupt_contract_is_a_typed_error(tmp_path, model_path):
+    import onnx
+    from test_no_data_loss import peft_dir
+
+    from onnx_peft.passes.insert_adapters import insert_adapters
+
+    adapter = peft_dir(tmp_path / "adapter")
+    with pytest.raises(IncompatibleAdapterError, match="already has adapter slots"):  # was: PreconditionError
+        insert_adapters(model_path, {"a": adapter}, tmp_path / "out1")
+    model = onnx.load(model_path)
+    next(p for p in model.metadata_props if p.key == CONTRACT_KEY).value = "[" * 100_000
+    onnx.save(model, tmp_path / "corrupt.onnx")
+    with pytest.raises(ModelFileError, match=CONTRACT_KEY):
+        insert_adapters(tmp_path / "corrupt.onnx", {"a": adapter}, tmp_path / "out2")
+    assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
+
+
+def test_prompt_metadata_nested_past_the_recursion_limit_is_a_typed_error():
+    from onnx_peft.prompt_feeds import PROMPT_KEY, PromptLayout
+
+    with pytest.raises(IncompatibleAdapterError, match="RecursionError"):  # was: RecursionError
+        PromptLayout.from_metadata({PROMPT_KEY: "[" * 100_000 + "]" * 100_000})

@@ -28,6 +28,7 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import onnx_ir as ir
 
 from ..errors import ModelFileError, OnnxPeftError, UnsafePathError
@@ -145,8 +146,35 @@ def load_model(path: str | os.PathLike) -> ir.Model:
             # ir.load sets the folder of the main graph's tensors only; a function's Constant
             # would otherwise be read relative to the working directory
             tensor.base_dir = str(path.parent)
+        else:
+            _check_in_file(tensor, path)
     _SOURCES[model] = path.resolve()
     return model
+
+
+def _check_in_file(tensor: ir.TensorProtocol, model_path: Path) -> None:
+    """Refuse a tensor stored in the protobuf whose data does not fill its shape and dtype (a
+    header lie that a pass would otherwise re-emit or trip over later). ``raw_data`` is only
+    measured; typed fields (small tensors) are decoded once."""
+    try:
+        if isinstance(tensor, ir.StringTensor):  # one string_data entry per element
+            held = len(np.asarray(tensor.raw, dtype=object).reshape(-1))
+            if held == tensor.size:
+                return
+            problem = f"is a string tensor of {tensor.size} elements holding {held} strings"
+        elif not isinstance(tensor, ir.serde.TensorProtoTensor):
+            return
+        elif tensor.raw.HasField("raw_data"):
+            if len(tensor.raw.raw_data) == tensor.nbytes:
+                return
+            problem = f"holds {len(tensor.raw.raw_data)} bytes, its shape and dtype need {tensor.nbytes}"
+        else:
+            tensor.numpy()
+            return
+    except Exception as exc:  # an unknown dtype, a count that does not fit the shape
+        problem = f"cannot be read ({type(exc).__name__}: {str(exc)[:120]})"
+    raise ModelFileError(f"{model_path}: tensor {tensor.name!r} (shape {tensor.shape}, {tensor.dtype}) {problem}; "
+                         "the model file is corrupt, export it again")
 
 
 def _proto_tensors(nodes: Any, initializers: Any = (), sparse: Any = ()) -> Iterator[Any]:

@@ -96,6 +96,7 @@ from ..graph.packing import (  # noqa: F401  (public here too: the pass writes w
 )
 from ..graph.sites import AdapterBranch, find_adapter_branches, remove_branch, remove_dead
 from ..methods.lora import dora_factor
+from .run import run_pass
 
 A_SLOT = "lora_A.weight"
 B_SLOT = "lora_B.weight"
@@ -453,7 +454,7 @@ def extract_adapters(model_path: str | os.PathLike, output_dir: str | os.PathLik
     output_dir = check_output_folder(output_dir, [model_path], overwrite)
     extract = ExtractAdapters(**options)
     model = load_model(model_path)
-    extract(model)
+    run_pass(extract, model, model_path)
     adapter_name = model_path.stem + suffix_for(extract.save_format)
     with writing_folder(output_dir, [model_path], overwrite) as staged:
         save_extracted_model(model, staged / model_path.name, extract)

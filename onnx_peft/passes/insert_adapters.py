@@ -376,13 +376,14 @@ def insert_adapters(base_model_path: str | os.PathLike, adapters: Mapping[str, s
     """
     from ..graph.io import load_model, save_model
     from ..output_folder import check_output_folder, writing_folder
+    from .run import run_pass
 
     inputs = [base_model_path, *adapters.values()]
     output_dir = check_output_folder(output_dir, inputs, overwrite)
     model = load_model(base_model_path)
     insert = InsertAdapters(adapters, mode=mode, allow_pickle=allow_pickle)
     files = {}
-    result = insert(model)
+    result = run_pass(insert, model, base_model_path)
     contract = insert.contract
     if mode == "slots":
         # convert (and check) every adapter before anything is written

@@ -301,15 +301,11 @@ def multi_adapter(model_path: str | os.PathLike, output_dir: str | os.PathLike,
     A non-empty ``output_dir`` is refused unless ``overwrite=True``, which replaces it whole."""
     from ..graph.io import load_model, save_model
     from ..output_folder import check_output_folder, writing_folder
+    from .run import run_pass
 
     output_dir = check_output_folder(output_dir, [model_path], overwrite)
     model = load_model(model_path)
-    try:
-        MultiAdapterPass(ids_input)(model)
-    except ir.passes.PreconditionError as exc:  # surface our own error, not the wrapper
-        if isinstance(exc.__cause__, OnnxPeftError):
-            raise type(exc.__cause__)(f"{model_path}: {exc.__cause__}") from exc.__cause__
-        raise
+    run_pass(MultiAdapterPass(ids_input), model, model_path)
     with writing_folder(output_dir, [model_path], overwrite) as staged:
         save_model(model, staged / "model.onnx")
     return output_dir / "model.onnx"
