@@ -3,6 +3,16 @@
 :func:`inspect_path` returns a plain dict (JSON-ready) so scripts and tests can read it;
 :func:`render_text` turns it into a few readable lines for the ``onnx-peft inspect`` command.
 Only headers and shapes are read: weights stay on disk (adapter files are small).
+
+A model's adapters are found two ways:
+
+- slots: the contract (graph/contract.py) lists them; shown per module as
+  ``rank any, 64 -> 32`` (the rank dim is symbolic: any adapter rank fits);
+- baked in (``export --mode in-graph``, ``insert --in-graph``, a PEFT model exported unmerged by
+  another tool): LoRA/DoRA branches recognised by structure (graph/sites.py, the same matcher
+  ``extract`` uses, so names do not matter), other forms by their slot-style initializer names or
+  the ``onnx_peft.branch`` tags our grafts leave (graph/branch.py). Shown as
+  ``6 modules with baked LoRA (rank 4)``. A merged adapter leaves no trace: it is weights.
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ from typing import Any
 from .config import CONFIG_NAME
 from .errors import OnnxPeftError
 from .formats import ADAPTER_FILE_SUFFIXES
-from .graph.contract import CONTRACT_KEY, read_contract
+from .graph.contract import CONTRACT_KEY, FULL_WEIGHT_METHOD, read_contract
 
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 _TOKENS, _NORM = ".trainable_tokens.indices", ".ln_delta.weight"
@@ -50,8 +60,17 @@ def _suffix_forms() -> dict[str, str]:
     return {spec.suffix: f.name for f in FORMS.values() for spec in f.slot_specs("m", 1, 1, None)}
 
 
+# slot suffix -> the dim it shows, for forms without A/B (their last axis)
+_WIDTH_OF = {"ia3_l.in": "in", "rotation.weight": "in", "ia3_l.out": "out", "rotate_out.cos": "out",
+             "delta.weight": "out", "dora_factor": "out"}
+_METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "ia3_in": "IA3", "ia3_out": "IA3", "lora+dora": "DoRA"}
+
+
 def _modules_from_names(shapes: dict[str, tuple[tuple[Any, ...], str]]) -> dict[str, dict[str, Any]]:
-    """``{module: {"forms": [...], "rank": r, "in": .., "out": ..}}`` from slot tensor names and shapes."""
+    """``{module: {"forms": [...], "rank": r, "in": .., "out": ..}}`` from slot tensor names and shapes.
+
+    A symbolic dim (a slot model's ``lora_r.<module>``) stays a string: any size fits there.
+    """
     suffixes = _suffix_forms()
     modules: dict[str, dict[str, Any]] = {}
     for name, (shape, _dtype) in sorted(shapes.items()):
@@ -70,28 +89,62 @@ def _modules_from_names(shapes: dict[str, tuple[tuple[Any, ...], str]]) -> dict[
             entry["tokens"] = shape[-1] if shape else None
         elif name.endswith(_NORM):    # LN Tuning: the norm's width
             entry["features"] = shape[-1] if shape else None
+        elif suffix in _WIDTH_OF and shape:
+            entry.setdefault(_WIDTH_OF[suffix], shape[-1])
     for entry in modules.values():
         entry["method"] = "+".join(entry["forms"])
     return modules
 
 
+def _baked_modules(model: Any, slot_modules: set[str]) -> dict[str, dict[str, Any]]:
+    """Modules whose adapter is part of the graph: ``{module: {"method", "forms", "rank"?, "in"?, "out"?}}``.
+
+    Structure first (LoRA/DoRA ``Add(x W, (x A) B)``, any names, rank from A's shape), then
+    slot-named initializers (``insert --in-graph`` of other forms), then ``onnx_peft.branch``
+    tags on nodes of modules not yet found (a form whose weights have no telling name).
+    """
+    from .graph.branch import BRANCH_KEY
+    from .graph.sites import find_adapter_branches
+
+    graph = model.graph
+    inputs = {v.name for v in graph.inputs}
+    named = {name: (tuple(v.shape), v.dtype.numpy().name) for name, v in graph.initializers.items()
+             if name not in inputs and name.endswith(tuple(_suffix_forms())) and v.shape is not None}
+    baked = {m: e for m, e in _modules_from_names(named).items() if m not in slot_modules}
+    for module, branch in find_adapter_branches(model).items():
+        if branch.is_input or module in slot_modules:
+            continue
+        shape = branch.lora_A.shape if branch.lora_A.shape is not None else branch.lora_A.const_value.shape
+        rank = int(shape[1] if branch.lora_A_layout == "in_r" else shape[0])
+        entry = baked.setdefault(module, {"forms": []})
+        for form in ("lora", branch.method) if branch.method != "lora" else ("lora",):
+            if form not in entry["forms"]:
+                entry["forms"].append(form)
+        entry.update(rank=rank, **{"in": branch.base.in_features, "out": branch.base.out_features})
+    for node in graph.all_nodes():
+        module = node.metadata_props.get(BRANCH_KEY)
+        if module and module not in baked and module not in slot_modules:
+            baked[module] = {"forms": []}
+    for entry in baked.values():
+        entry["method"] = "+".join(entry["forms"]) or "adapter"
+    return dict(sorted(baked.items()))
+
+
 def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
-    """Slots (from the contract), their modules, and adapters baked in as initializers."""
+    """Slots (from the contract), their modules, and adapters baked into the graph."""
     from .graph.io import load_model
 
     model = load_model(path)
     contract = read_contract(model.metadata_props)
     graph = model.graph
-    inputs = {v.name for v in graph.inputs}
-    baked = {name: (tuple(v.shape), v.dtype.numpy().name) for name, v in graph.initializers.items()
-             if name not in inputs and name.endswith(tuple(_suffix_forms())) and v.shape is not None}
+    slot_modules = {s.module for s in contract.slots} if contract is not None else set()
     info: dict[str, Any] = {
         "kind": "model", "path": str(path),
         "inputs": [v.name for v in graph.inputs if v.const_value is None],
         "outputs": [v.name for v in graph.outputs],
         "has_contract": CONTRACT_KEY in model.metadata_props,
         "fingerprint": contract.fingerprint if contract else "",
-        "slots": [], "modules": {}, "baked_modules": _modules_from_names(baked),
+        "slots": [], "modules": {}, "baked_modules": _baked_modules(model, slot_modules),
     }
     if contract is not None:
         info["slots"] = [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "module": s.module,
@@ -101,12 +154,19 @@ def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
             if slot.method not in entry["method"].split("+"):
                 entry["method"] += "+" + slot.method
             entry["slots"].append(slot.name)
-    from .graph.banks import MULTI_ADAPTER_KEY
-    from .passes.extract_adapters import read_packing
+            if slot.method == FULL_WEIGHT_METHOD and slot.name.endswith(".weight"):
+                entry["weight"] = list(slot.shape)
+        shapes = {s.name: (tuple(s.shape), s.dtype) for s in contract.slots}
+        for module, found in _modules_from_names(shapes).items():  # rank / in / out, as for adapter files
+            if module in info["modules"]:
+                info["modules"][module].update({k: v for k, v in found.items() if k not in ("method", "forms")})
+    from .graph.banks import MULTI_ADAPTER_KEY, MultiLayout
+    from .graph.packing import read_packing
     from .prompt_feeds import PromptLayout
 
     layout = model.metadata_props.get(MULTI_ADAPTER_KEY)
-    info["multi_adapter"] = json.loads(layout) if layout else None
+    # parsed and checked (a ModelFileError naming the key), then shown as the writer recorded it
+    info["multi_adapter"] = json.loads(MultiLayout.from_json(layout, str(path)).to_json()) if layout else None
     prompt = PromptLayout.from_metadata(model.metadata_props)
     info["prompt"] = json.loads(prompt.to_json()) if prompt is not None else None
     info["packing"] = read_packing(model.metadata_props)
@@ -176,7 +236,11 @@ def render_text(info: dict[str, Any]) -> str:
         lines.append(f"  inputs: {', '.join(info['inputs'])}; outputs: {', '.join(info['outputs'])}")
         lines.append(f"  contract: {'yes' if info['has_contract'] else 'none'}"
                      + (f", fingerprint {info['fingerprint']}" if info["fingerprint"] else ""))
-        lines.append(f"  {len(info['slots'])} slots on {len(info['modules'])} modules")
+        if info["slots"]:
+            lines.append(f"  {len(info['slots'])} adapter slots on {len(info['modules'])} modules "
+                         "(adapters load at run time)")
+        for module, entry in sorted(info["modules"].items()):
+            lines.append(f"    {module} [{entry['method']}] {_detail(entry)}")
         if info.get("multi_adapter"):
             layout = info["multi_adapter"]
             lines.append(f"  multi-adapter: {len(layout['banks'])} banks fed by the session, one adapter "
@@ -189,13 +253,15 @@ def render_text(info: dict[str, Any]) -> str:
             lines.append(f"  prompt-ready: virtual tokens of width {prompt['hidden']} through prompt_embeds"
                          + (f"; a prefix ({prompt['layers']} layers x {prompt['heads']} kv heads x {prompt['head_dim']})"
                             f" through {via}" if via else "") + "; one adapter per run or per row")
-        for module, entry in sorted(info["modules"].items()):
-            shapes = [s["shape"] for s in info["slots"] if s["module"] == module]
-            lines.append(f"    {module} [{entry['method']}] {shapes}")
-        if info["baked_modules"]:
-            lines.append(f"  adapters baked in on {len(info['baked_modules'])} modules")
-            for module, entry in sorted(info["baked_modules"].items()):
-                lines.append(f"    {module} [{entry['method']}] rank {entry.get('rank')}")
+        baked = info["baked_modules"]
+        if baked:
+            extractable = all(e["method"] in ("lora", "dora", "lora+dora") for e in baked.values())
+            lines.append(f"  adapter baked into the graph: {_baked_summary(baked)}"
+                         + ("; `onnx-peft extract` turns it into slots" if extractable and not info["slots"] else ""))
+            for module, entry in baked.items():
+                lines.append(f"    {module} [{entry['method']}] {_detail(entry)}")
+        if not baked and not info["slots"] and not info.get("prompt"):
+            lines.append("  no adapter found: a base model, or one with its adapter merged into the weights")
         return "\n".join(lines)
     if kind == "adapter_file":
         lines.append(f"adapter file {info['path']} ({info['format']})")
@@ -208,9 +274,7 @@ def render_text(info: dict[str, Any]) -> str:
             return "\n".join(lines)
         lines.append(f"  {len(info['tensors'])} tensors on {len(info['modules'])} modules")
         for module, entry in sorted(info["modules"].items()):
-            detail = ", ".join(f"{k} {entry[k]}" for k in ("tokens", "features") if k in entry) \
-                if "rank" not in entry else f"rank {entry['rank']} {entry.get('in')} -> {entry.get('out')}"
-            lines.append(f"    {module} [{entry['method']}] {detail}")
+            lines.append(f"    {module} [{entry['method']}] {_detail(entry)}")
         return "\n".join(lines)
     lines.append(f"PEFT adapter {info['path']} ({info['peft_type']})")
     for key in ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
@@ -228,3 +292,38 @@ def render_text(info: dict[str, Any]) -> str:
                   else ", ".join(f"{k} {v}" for k, v in entry["tensors"].items()))
         lines.append(f"    {module} [{entry['method']}] {detail}")
     return "\n".join(lines)
+
+
+def _dim(value: Any) -> str:
+    """A slot dim for people: an int, or ``any`` for a symbolic one."""
+    return str(value) if isinstance(value, int) else "any"
+
+
+def _detail(entry: dict[str, Any]) -> str:
+    """``rank 4, 64 -> 32`` (``any rank`` for a slot) for LoRA-shaped modules; the widths that
+    exist for the others."""
+    if entry.get("rank") is not None:
+        rank = f"rank {entry['rank']}" if isinstance(entry["rank"], int) else "any rank"
+        return f"{rank}, {_dim(entry.get('in'))} -> {_dim(entry.get('out'))}"
+    if "weight" in entry:  # modules_to_save: the whole Linear is the slot
+        return "trained in full, weight " + " x ".join(_dim(d) for d in entry["weight"])
+    parts = [f"{_dim(entry['tokens'])} token rows" if "tokens" in entry else "",
+             f"width {_dim(entry['features'])}" if "features" in entry else "",
+             f"in {_dim(entry['in'])}" if "in" in entry else "",
+             f"out {_dim(entry['out'])}" if "out" in entry else ""]
+    return ", ".join(p for p in parts if p)
+
+
+def _baked_summary(baked: dict[str, dict[str, Any]]) -> str:
+    """``6 modules with baked LoRA (rank 4)``; one phrase per method, ranks as a range."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for entry in baked.values():
+        by_method.setdefault(entry["method"], []).append(entry)
+    phrases = []
+    for method, entries in sorted(by_method.items()):
+        ranks = sorted({e["rank"] for e in entries if isinstance(e.get("rank"), int)})
+        rank = "" if not ranks else f" (rank {ranks[0]})" if len(ranks) == 1 else f" (ranks {ranks[0]}-{ranks[-1]})"
+        what = "a baked adapter branch (method not recognised)" if method == "adapter" \
+            else f"baked {_METHOD_NAMES.get(method, method.upper())}{rank}"
+        phrases.append(f"{len(entries)} module{'s' if len(entries) != 1 else ''} with {what}")
+    return "; ".join(phrases)

@@ -3,15 +3,23 @@
 Decoders exported with past key/values generate (greedy unless ``--sample``); other models
 run once and print each output's shape and first values. ``--use`` picks the adapter: one name
 for the batch, or one per row (``--use a,b,-``; ``-`` = no adapter) on MultiAdapter models.
+
+Classifiers also print each row's class by name when a labels file (``labels.json`` as
+``onnx-peft train`` writes it) is found for the row's adapter: ``DIR/labels.json`` for a PEFT
+adapter dir, ``NAME.labels.json`` beside an adapter file ``NAME.onnx_adapter``, else
+``labels.json`` beside the model (a merged or in-graph export of one adapter).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import numpy as np
 
-from ..errors import MissingDependencyError, RuntimeSessionError
+from ..checkpoint import read_label_names
+from ..errors import CheckpointError, MissingDependencyError, RuntimeSessionError
 from .args import parse_named_paths, session_options
 
 
@@ -79,12 +87,54 @@ def _task_ids(text: str | None) -> list[int] | None:
         raise RuntimeSessionError(f"--task-ids takes integers separated by commas ({exc})") from exc
 
 
+def label_names(model: str | Path, adapters: dict[str, str]) -> dict[str | None, list[str]]:
+    """Class names by adapter name (``None``: the model's own), from the labels files beside them."""
+    found: dict[str | None, list[str]] = {}
+    model_labels = read_label_names(Path(model).parent)
+    if model_labels:
+        found[None] = model_labels
+    for name, path in adapters.items():
+        path = Path(path)
+        labels = read_label_names(path) if path.is_dir() else _read_labels_file(
+            path.with_name(f"{path.stem}.labels.json"))
+        if labels:
+            found[name] = labels
+    return found
+
+
+def _read_labels_file(path: Path) -> list[str] | None:
+    """The names in ``path`` (``labels.json``'s format, see checkpoint.read_label_names), or None."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        id2label = data["id2label"] if isinstance(data, dict) else dict(enumerate(data))
+        return [id2label[key] for key in sorted(id2label, key=int)]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not a labels file ({exc}); expected {{\"id2label\": {{\"0\": ...}}}}") from exc
+
+
+def _print_classes(logits: np.ndarray, adapter: str | list[str | None] | None,
+                   labels: dict[str | None, list[str]]) -> None:
+    """``row 0 [sentiment]: positive  (negative -1.20, positive 2.31, ...)`` for each row whose
+    adapter (or, with none, the model) has labels of the logits' width."""
+    for i, row in enumerate(logits):
+        name = adapter[i] if isinstance(adapter, list) else adapter
+        names = labels.get(name, labels.get(None)) if name is not None else labels.get(None)
+        if names is None or len(names) != len(row):
+            continue
+        scores = ", ".join(f"{n} {v:.2f}" for n, v in zip(names, row))
+        tag = f" [{name}]" if name is not None else ""
+        print(f"row {i}{tag}: {names[int(np.argmax(row))]}  ({scores})")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..runtime import AdapterSession
 
     session = AdapterSession(args.model, session_options=session_options(args))
     names = []
-    for name, path in parse_named_paths(args.adapter).items():
+    adapters = parse_named_paths(args.adapter)
+    for name, path in adapters.items():
         session.load_adapter(name, path)
         names.append(name)
     tokenizer = _tokenizer(args.tokenizer) if args.text else None
@@ -111,7 +161,10 @@ def run(args: argparse.Namespace) -> int:
              "position_ids": np.maximum(np.cumsum(mask, 1) - 1, 0)}
     feeds.update({k: v for k, v in extra.items() if k in session._inputs})
     outputs = session.run(None, feeds, adapter=adapter, task_ids=tasks)
+    labels = label_names(args.model, adapters)
     for name, value in zip(session.output_names, outputs):
         flat = np.asarray(value).reshape(-1)[:6]
         print(f"{name} {list(np.shape(value))}: {np.array2string(flat, precision=5)}")
+        if name == "logits" and np.ndim(value) == 2 and labels:
+            _print_classes(np.asarray(value), adapter, labels)
     return 0
