@@ -249,3 +249,28 @@ def test_insert_serves_a_non_lora_adapter_with_a_trained_head(tmp_path):
             assert _diff(session.run(["logits"], feeds, adapter=name)[0], refs[ref]) <= TOL, (out, name)
     baked = insert_adapters(base, {"ia3": tmp_path / "ia3"}, tmp_path / "baked", mode="in-graph")
     assert _diff(_raw(baked), refs["ia3"]) <= TOL
+
+
+def test_a_peftmodel_of_another_method_exports_with_swappable_slots(tmp_path):
+    """export(PeftModel(IA3), mode="inputs") goes base + insert (ExtractAdapters reads LoRA only)."""
+    import numpy as np
+    import torch
+    from tiny_models import TOL, perturb_trainable, tiny_llama
+
+    import onnx_peft
+
+    model = onnx_peft.get_peft_model(tiny_llama(), onnx_peft.IA3Config(target_modules=["q_proj", "down_proj"],
+                                                                        feedforward_modules=["down_proj"]))
+    perturb_trainable(model, around=1.0)
+    model.eval()
+    path = onnx_peft.export(model, tmp_path / "ia3", task="causal-lm", mode="inputs", quiet=True)
+    session = onnx_peft.AdapterSession(path)
+    session.load_adapter("default", path.parent / "adapters" / "default.onnx_adapter")
+    ids = np.array([[5, 6, 7, 8]])
+    logits, = session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)}, adapter="default")
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor(ids)).logits.numpy()
+        base = tiny_llama()(input_ids=torch.tensor(ids)).logits.numpy()
+    assert np.abs(logits - expected).max() <= TOL
+    assert np.abs(session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0] - base).max() <= TOL
+    assert any(isinstance(m, onnx_peft.tuners.ia3.IA3Layer) for m in model.modules())  # the model is untouched

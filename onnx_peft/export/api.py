@@ -158,6 +158,12 @@ def export(model_or_dir: Any, output_dir: str | os.PathLike, adapters: AdapterSp
     if is_prompt_model(model_or_dir) or (named and prompt_adapter_dirs(named)):
         return _export_prompt(model_or_dir, output_dir, named, task, mode, dtype, opset, quiet, external_data,
                               quantize, started)
+    inserted_own = _own_adapter_as_folder(model_or_dir, named, mode)
+    if inserted_own is not None:  # our PeftModel of a method ExtractAdapters cannot read: base + insert
+        base, folders, holder = inserted_own
+        with holder:
+            return export(base, output_dir, folders, task, mode, dtype, opset, quiet, external_data, quantize,
+                          double_quant, block_size, overwrite=True)
     if mode in ("inputs", "external") and uses_adaption_prompt(model_or_dir, named):  # Llama-Adapter slots
         load = lambda model, task: _prepare(model, task, "in-graph", dtype, {})  # noqa: E731
         return export_adaption_inputs(model_or_dir, output_dir, named, task, mode, dtype, opset, external_data,
@@ -285,3 +291,26 @@ def _check_mode_fits_methods(model_or_dir: Any, named: dict[str, Path], mode: st
             reason = method.no_merge_message() if hasattr(method, "no_merge_message") else ""
             raise AdapterConfigError(f"mode {mode!r} cannot hold a {config.peft_type} adapter; use "
                                      f"{' or '.join(repr(m) for m in method.graph_modes)}. {reason}".strip())
+
+
+def _own_adapter_as_folder(model: Any, named: dict[str, Path], mode: str) -> tuple[Any, dict[str, Path], Any] | None:
+    """Our PeftModel holding a non-LoRA (or DoRA / token-row) adapter, exported with mode inputs or
+    external: its active adapter saved to a temporary PEFT folder and its base (a copy, adapters
+    unloaded), so the export takes the folder path: base graph + InsertAdapters, one form per method.
+    None for anything else (LoRA branches are extracted from the in-graph export directly)."""
+    import tempfile
+
+    from ..model import PeftModel
+
+    if mode not in ("inputs", "external") or named or not isinstance(model, PeftModel):
+        return None
+    active = model.active_adapter
+    config = model.peft_config.get(active)
+    if config is None or (config.peft_type == "LORA" and not getattr(config, "use_dora", False)
+                          and not getattr(config, "trainable_token_indices", None)):
+        return None
+    holder = tempfile.TemporaryDirectory(prefix="onnx-peft-adapter-")
+    model.save_pretrained(holder.name, selected_adapters=[active])
+    folder = Path(holder.name) if active == "default" else Path(holder.name) / active
+    base = copy.deepcopy(model)._unload(keep_saved_modules=False)
+    return base, {active: folder}, holder
