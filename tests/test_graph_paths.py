@@ -274,3 +274,40 @@ def test_a_peftmodel_of_another_method_exports_with_swappable_slots(tmp_path):
     assert np.abs(logits - expected).max() <= TOL
     assert np.abs(session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0] - base).max() <= TOL
     assert any(isinstance(m, onnx_peft.tuners.ia3.IA3Layer) for m in model.modules())  # the model is untouched
+
+
+def test_wrong_adapters_are_diagnosed_in_model_terms(tmp_path):
+    """A LoRA trained on wider layers is refused before the export, naming module and sizes; an
+    fp32 adapter file on an fp16 model is a dtype problem, not "another base model"."""
+    import time
+
+    import peft
+    import pytest
+    from tiny_models import tiny_llama
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import onnx_peft
+    from onnx_peft.errors import IncompatibleAdapterError
+
+    wide = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    peft.get_peft_model(wide, peft.LoraConfig(target_modules=["q_proj"])).save_pretrained(tmp_path / "wide")
+    tiny_llama().save_pretrained(tmp_path / "base")
+    started = time.perf_counter()
+    with pytest.raises(IncompatibleAdapterError, match=r"q_proj was trained as 48 -> 48 features, the model's is 32"):
+        onnx_peft.export(tmp_path / "base", tmp_path / "out", adapters={"w": tmp_path / "wide"}, task="causal-lm",
+                         mode="inputs", quiet=True)
+    assert time.perf_counter() - started < 10  # before any tracing
+    lora = tmp_path / "lora"
+    peft.get_peft_model(tiny_llama(), peft.LoraConfig(target_modules=["q_proj"])).save_pretrained(lora)
+    fp16 = onnx_peft.export(tmp_path / "base", tmp_path / "fp16", adapters={"a": lora}, task="causal-lm",
+                            mode="inputs", dtype="fp16", quiet=True)
+    fp32_file = tmp_path / "a32.onnx_adapter"
+    onnx_peft.convert_adapters(lora, output_path=fp32_file, dtype="fp32")
+    with pytest.raises(IncompatibleAdapterError, match="holds float32 tensors and the model takes float16"):
+        onnx_peft.AdapterSession(fp16).load_adapter("a", fp32_file)
+    fp32 = onnx_peft.export(tmp_path / "base", tmp_path / "fp32", adapters={"a": lora}, task="causal-lm",
+                            mode="inputs", quiet=True)
+    # one base, two dtypes: one fingerprint, so a converted adapter's base check means what it says
+    assert onnx_peft.AdapterSession(fp16).contract.fingerprint == onnx_peft.AdapterSession(fp32).contract.fingerprint
+

@@ -158,3 +158,39 @@ def needs_insert(adapters: Mapping[str, Path]) -> bool:
                 or getattr(config, "trainable_token_indices", None):  # token rows: an embedding form
             return True
     return False
+
+
+def _layer_features(layer: Any) -> tuple[int, int] | None:
+    """``(in, out)`` of a Linear / transformers Conv1D (an adapter wrapper: its base layer)."""
+    layer = getattr(layer, "base_layer", layer)
+    if hasattr(layer, "in_features") and hasattr(layer, "out_features"):
+        return int(layer.in_features), int(layer.out_features)
+    if type(layer).__name__ == "Conv1D" and getattr(layer, "weight", None) is not None:
+        return int(layer.weight.shape[0]), int(layer.weight.shape[1])
+    return None
+
+
+def check_adapters_fit(model: Any, adapters: Mapping[str, Path]) -> None:
+    """Refuse an adapter trained on layers of other sizes before anything is traced, naming the
+    module and both sizes (the ONNX checks would only say so after the export, in slot shapes)."""
+    from ..errors import IncompatibleAdapterError
+    from ..formats import read_peft_adapter
+    from ..methods.base import method_for
+
+    for path in adapters.values():
+        config, tensors = read_peft_adapter(path)
+        method = method_for(config)
+        if getattr(method, "is_prompt_learning", False):
+            continue
+        grouped = method.group(tensors, str(path), getattr(config, "modules_to_save", None) or ())
+        for module_path, parts in sorted(grouped.modules.items()):
+            wanted = method.features(config, module_path, parts)
+            try:
+                layer = model.get_submodule(module_path)
+            except AttributeError:
+                continue  # mapped to the graph by suffix later
+            have = _layer_features(layer)
+            if wanted is not None and have is not None and tuple(wanted) != have:
+                raise IncompatibleAdapterError(
+                    f"{path}: module {module_path} was trained as {wanted[0]} -> {wanted[1]} features, the model's "
+                    f"is {have[0]} -> {have[1]}; the adapter belongs to another base model")

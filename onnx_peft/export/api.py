@@ -20,6 +20,7 @@ from ..progress import honours_quiet, progress
 from .adapters import (
     AdapterSpec,
     attach_adapters,
+    check_adapters_fit,
     is_peft_model,
     needs_insert,
     normalize_adapters,
@@ -179,6 +180,8 @@ def export(model_or_dir: Any, output_dir: str | os.PathLike, adapters: AdapterSp
         module, peft, task, source = _prepare(model_or_dir, task, "in-graph", dtype, {}, labels_from=named)
     else:
         module, peft, task, source = _prepare(model_or_dir, task, mode, dtype, named)
+    if named:  # adapter vs model in model terms, before minutes of tracing
+        check_adapters_fit(module, named)
     # heads the adapters train in full become full-weight slots (default: the base head)
     full_weights = full_weight_modules(module, named) if named and mode in ("inputs", "external") \
         and not inserted else ([], [])

@@ -218,7 +218,8 @@ def weight_fingerprint(weights: Mapping[str, Any]) -> str:
     ``ExternalTensor.numpy()`` is fine). Only two 4x4 corner blocks of each weight are read:
     whatever the storage layout, that touches a handful of pages, so fingerprinting a 13 GB
     model reads kilobytes, not gigabytes. The same weights give the same fingerprint whatever
-    the graph layout, as long as callers pass them in ``[out, in]`` orientation.
+    the graph layout (and whether stored in fp32 or fp16), as long as callers pass them in
+    ``[out, in]`` orientation.
     """
     digest = hashlib.sha256()
     for module in sorted(weights):
@@ -227,7 +228,8 @@ def weight_fingerprint(weights: Mapping[str, Any]) -> str:
         digest.update(f"{module}|{shape}|".encode())
         flat = array.reshape(shape[0], -1)
         for block in (flat[:_CORNER, :_CORNER], flat[-_CORNER:, -_CORNER:]):
-            digest.update(np.ascontiguousarray(block, dtype=np.float32).tobytes())
+            # rounded to fp16: the fp32 and fp16 exports of one base share a fingerprint
+            digest.update(np.ascontiguousarray(np.asarray(block, dtype=np.float32).astype(np.float16)).tobytes())
     return digest.hexdigest()[:32]
 
 
@@ -238,12 +240,24 @@ def check_adapter(contract: Contract, tensors: Mapping[str, tuple[tuple[int, ...
     ``tensors`` maps slot name -> (shape, numpy dtype name). A missing fingerprint (a plain
     PEFT dir) skips the base-model check; a different one fails it.
     """
+    slots = contract.slot_map()
+    dtypes = {np.dtype(dtype).name for name, (_, dtype) in tensors.items() if name in slots}
+    wanted = {np.dtype(s.dtype).name for s in contract.slots if s.name in tensors}
+    if dtypes and wanted and dtypes.isdisjoint(wanted) and len(dtypes) == len(wanted) == 1:
+        # a dtype mismatch changes the fingerprint too: say what is actually wrong
+        raise IncompatibleAdapterError(
+            f"{source} holds {dtypes.pop()} tensors and the model takes {wanted.pop()}; convert it for this model: "
+            "onnx-peft convert-adapters --adapter ADAPTER --model MODEL.onnx -o OUT (or --dtype)")
     if fingerprint and contract.fingerprint and fingerprint != contract.fingerprint:
+        model_print = contract.fingerprint
+        if fingerprint.startswith("ort31:"):  # an .onnx_adapter keeps a 31-bit digest: compare like with like
+            from ..formats import short_fingerprint
+
+            model_print = f"ort31:{short_fingerprint(contract.fingerprint):08x}"
         raise IncompatibleAdapterError(
             f"{source} was made for another base model (fingerprint {fingerprint} != model's "
-            f"{contract.fingerprint}); convert the PEFT adapter again against this model"
+            f"{model_print}); convert the PEFT adapter again against this model"
         )
-    slots = contract.slot_map()
     for name in tensors:
         if name not in slots:
             raise IncompatibleAdapterError(

@@ -15,7 +15,7 @@ Banks hold every loaded adapter at its own row (smaller ranks padded with zeros,
 zeros; rows of adapters without a slot hold its no-op default), so each row's output equals
 running that row alone with its adapter. The banks are optional inputs defaulting to one no-op
 row, so the model runs as the base with ``adapter_ids`` all 0 and nothing else. Forms without a
-per-row form (``dense``: LoHa, LoKr, FourierFT) are refused: merge those adapters instead.
+per-row form (``dense``: LoHa, LoKr, FourierFT, SHiRA, C3A, WaveFT, OSF at low rank) are refused: merge those adapters instead.
 ``AdapterSession`` builds and refreshes the banks from its loaded adapters without re-creating
 the ORT session.
 
@@ -81,7 +81,7 @@ class MultiAdapterPass(ir.passes.InPlacePass):
         for slot in contract.slots:
             if slot.method != FULL_WEIGHT_METHOD and not form(slot.method).per_row:
                 raise OnnxPeftError(
-                    f"module {slot.module} has {slot.method} slots (LoHa, LoKr, FourierFT, MiSS 'bat': a dense "
+                    f"module {slot.module} has {slot.method} slots (LoHa, LoKr, FourierFT, MiSS 'bat', SHiRA, C3A, WaveFT, OSF: a dense "
                     "weight per adapter), which have no per-row form; merge those adapters (onnx-peft merge) or serve "
                     "them one per run")
 
