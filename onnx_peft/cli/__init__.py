@@ -38,6 +38,7 @@ for _name, _module, _help in [
     ("infer", "infer_cmd", "run a model with adapters in ONNX Runtime"),
     ("bench", "bench_cmd", "measure latency of a model with and without adapters"),
     ("train", "train_cmd", "train an adapter on local data"),
+    ("serve", "serve_cmd", "serve a deploy folder over HTTP, batching requests across adapters"),
 ]:
     register(_name, _module, _help)
 
