@@ -37,6 +37,10 @@ _LAZY: dict[str, tuple[str, bool]] = {
     "EvaConfig": ("onnx_peft.tuners.lora_init.eva", True),
     "get_eva_state_dict": ("onnx_peft.tuners.lora_init.eva", True),
     "initialize_lora_eva_weights": ("onnx_peft.tuners.lora_init.eva", True),
+    "CordaConfig": ("onnx_peft.tuners.lora_init.corda", True),
+    "preprocess_corda": ("onnx_peft.tuners.lora_init.corda", True),
+    "LoraGAConfig": ("onnx_peft.tuners.lora_init.loraga", True),
+    "preprocess_loraga": ("onnx_peft.tuners.lora_init.loraga", True),
 }
 
 __all__ = ["AdapterConfig", "LoraConfig", "OnnxPeftError", "export", *_LAZY]

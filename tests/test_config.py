@@ -27,7 +27,7 @@ PEFT_WRITTEN = {  # an adapter_config.json as PEFT 0.21 writes it, trimmed of no
     "ensure_weight_tying": False, "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False,
     "inference_mode": True, "init_lora_weights": True, "layer_replication": None, "layers_pattern": None,
     "layers_to_transform": None, "loftq_config": {}, "lora_alpha": 16, "lora_bias": False,
-    "lora_dropout": 0.05, "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": None,
+    "lora_dropout": 0.05, "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": None,
     "peft_type": "LORA", "peft_version": "0.21.2", "qalora_group_size": 16, "r": 8,
     "rank_pattern": {"q_proj": 4}, "revision": None, "target_modules": ["v_proj", "q_proj"],
     "target_parameters": None, "task_type": "CAUSAL_LM", "trainable_token_indices": None,
@@ -89,7 +89,7 @@ def test_set_of_target_modules_is_stored_as_a_sorted_list():
     ({**PEFT_WRITTEN, "r": "8"}, "r must be a positive integer"),
     ({**PEFT_WRITTEN, "bias": "some"}, "bias must be"),
     ({**PEFT_WRITTEN, "lora_dropout": 1.5}, "lora_dropout"),
-    ({**PEFT_WRITTEN, "init_lora_weights": "corda"}, "init_lora_weights='corda'"),
+    ({**PEFT_WRITTEN, "init_lora_weights": "not_an_init"}, "init_lora_weights='not_an_init'"),
     ({**PEFT_WRITTEN, "layers_pattern": "layers"}, "layers_pattern needs layers_to_transform"),
     ({**PEFT_WRITTEN, "target_modules": ".*proj", "layers_to_transform": [0]}, "regex"),
 ])

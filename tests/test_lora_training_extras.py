@@ -169,3 +169,160 @@ def test_eva_refuses_other_inits_and_bad_config():
         onnx_peft.initialize_lora_eva_weights(model, _eva_batches())
     with pytest.raises(AdapterConfigError, match="rho"):
         onnx_peft.EvaConfig(rho=0.5)
+
+
+# -- CorDA ----------------------------------------------------------------------------------------
+def _corda_samples() -> list[torch.Tensor]:
+    """Eight calibration samples of 12 tokens; CorDA runs one sample per forward."""
+    generator = torch.Generator().manual_seed(4)
+    from tests.tiny_models import VOCAB
+
+    return [torch.randint(0, VOCAB, (1, 12), generator=generator) for _ in range(8)]
+
+
+def _corda_models(make_model, targets, method: str, theirs_cache=None, ours_cache=None):
+    """The same base model CorDA-initialized by PEFT and by us (same calibration samples)."""
+    from peft.tuners.lora.corda import preprocess_corda as peft_preprocess
+
+    kwargs = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="corda", rank_pattern={"v_proj": 2})
+    models = []
+    for lib, preprocess, cache in ((peft, peft_preprocess, theirs_cache), (onnx_peft, onnx_peft.preprocess_corda,
+                                                                           ours_cache)):
+        base = make_model()
+        corda_config = (peft.tuners.lora.config.CordaConfig if lib is peft else onnx_peft.CordaConfig)
+        config = lib.LoraConfig(**kwargs, corda_config=corda_config(corda_method=method, cache_file=cache))
+
+        def run_model(base=base):
+            for ids in _corda_samples():
+                base(input_ids=ids)
+
+        preprocess(base, config, run_model=run_model)
+        models.append(lib.get_peft_model(base, config))
+    return models
+
+
+def _assert_corda_equal(theirs, ours) -> float:
+    a, b = theirs.state_dict(), ours.state_dict()
+    assert a.keys() == b.keys()
+    worst = max(max_diff(a[k], b[k]) for k in a)  # lora_A, lora_B and the residual base weights
+    assert worst <= 1e-4, worst
+    from tests.tiny_models import run
+
+    assert max_diff(run(theirs, token_ids()), run(ours, token_ids())) <= TOL
+    return worst
+
+
+@pytest.mark.parametrize("method", ["ipm", "kpm"])
+def test_corda_init_equals_peft(method):
+    theirs, ours = _corda_models(tiny_llama, ["q_proj", "v_proj", "down_proj"], method)
+    _assert_corda_equal(theirs, ours)
+    layer = ours.base_model.model.model.layers[0].self_attn.v_proj
+    assert layer.lora_A["default"].weight.shape == (2, 32) and not hasattr(layer.base_layer, "eigens")
+    # residual + s * B @ A is the original weight
+    original = tiny_llama().model.layers[0].self_attn.v_proj.weight
+    assert max_diff(layer.base_layer.weight + layer.get_delta_weight("default"), original) <= 1e-5
+
+
+def test_corda_conv1d_and_cache_file_read_by_both_libraries(tmp_path):
+    from tests.tiny_models import tiny_gpt2
+
+    cache = str(tmp_path / "corda" / "cache.pt")
+    theirs, ours = _corda_models(tiny_gpt2, ["c_attn", "c_fc"], "ipm", theirs_cache=cache)
+    _assert_corda_equal(theirs, ours)
+    # ours reads the cache PEFT wrote: no run_model needed
+    model = tiny_gpt2()
+    config = onnx_peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], init_lora_weights="corda",
+                                  corda_config=onnx_peft.CordaConfig(cache_file=cache))
+    onnx_peft.preprocess_corda(model, config)
+    ours = onnx_peft.get_peft_model(model, config)
+    _assert_corda_equal(theirs, ours)
+
+    # a trained CorDA adapter reloads in PEFT on a base rebuilt from the same cache (and back in ours)
+    from peft.tuners.lora.corda import preprocess_corda as peft_preprocess
+
+    from tests.tiny_models import perturb_trainable, run
+
+    perturb_trainable(ours, seed=1)
+    ours.save_pretrained(tmp_path / "adapter")
+    rebuilt = tiny_gpt2()
+    peft_preprocess(rebuilt, peft.LoraConfig.from_pretrained(tmp_path / "adapter"))
+    loaded = peft.PeftModel.from_pretrained(rebuilt, tmp_path / "adapter")
+    assert max_diff(run(loaded, token_ids()), run(ours, token_ids())) <= TOL
+    rebuilt = tiny_gpt2()
+    onnx_peft.preprocess_corda(rebuilt, onnx_peft.AdapterConfig.from_pretrained(tmp_path / "adapter"))
+    loaded = onnx_peft.PeftModel.from_pretrained(rebuilt, tmp_path / "adapter")
+    assert max_diff(run(loaded, token_ids()), run(ours, token_ids())) <= TOL
+
+
+def test_corda_refuses_missing_preprocessing_and_bad_config():
+    from onnx_peft.errors import DataError
+
+    config = onnx_peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="corda")
+    assert config.corda_config["corda_method"] == "ipm"  # PEFT's default CordaConfig
+    with pytest.raises(AdapterConfigError, match="preprocess_corda"):
+        onnx_peft.get_peft_model(tiny_llama(), config)
+    with pytest.raises(DataError, match="run_model"):
+        onnx_peft.preprocess_corda(tiny_llama(), config)
+    model = tiny_llama()
+    with pytest.raises(DataError, match="batch size 1"):
+        onnx_peft.preprocess_corda(model, config, run_model=lambda: model(input_ids=token_ids(batch=2)))
+    with pytest.raises(AdapterConfigError, match="corda_method"):
+        onnx_peft.CordaConfig(corda_method="xpm")
+
+
+# -- LoRA-GA --------------------------------------------------------------------------------------
+def _loraga_models(make_model, targets, **ga):
+    """The same base model LoRA-GA-initialized by PEFT and by us (same gradients, same torch seed
+    for the randomized SVD)."""
+    from peft.tuners.lora.config import LoraGAConfig as PeftLoraGAConfig
+    from peft.tuners.lora.loraga import preprocess_loraga as peft_preprocess
+
+    kwargs = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="lora_ga")
+    models = []
+    for lib, preprocess, ga_config in ((peft, peft_preprocess, PeftLoraGAConfig),
+                                       (onnx_peft, onnx_peft.preprocess_loraga, onnx_peft.LoraGAConfig)):
+        base = make_model()
+        config = lib.LoraConfig(**kwargs, lora_ga_config=ga_config(**ga))
+
+        def train_step(base=base):
+            for seed in range(2):
+                ids = token_ids(batch=2, seq=6 + seed)
+                base(input_ids=ids, labels=ids).loss.backward()
+
+        preprocess(base, config, train_step)
+        torch.manual_seed(7)
+        models.append(lib.get_peft_model(base, config))
+    return models
+
+
+@pytest.mark.parametrize("direction,scale", [("ArB2r", "stable"), ("ArBr", "weight_svd"), ("random", "gd_scale")])
+def test_loraga_init_equals_peft(direction, scale):
+    theirs, ours = _loraga_models(tiny_llama, ["q_proj", "v_proj", "down_proj"], direction=direction, scale=scale)
+    _assert_corda_equal(theirs, ours)
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_B["default"].weight.abs().max() > 0 and not hasattr(layer.base_layer, "_peft_loraga_grad")
+    original = tiny_llama().model.layers[0].self_attn.q_proj.weight
+    assert max_diff(layer.base_layer.weight + layer.get_delta_weight("default"), original) <= 1e-5
+
+
+def test_loraga_conv1d_cache_and_load_without_gradients(tmp_path):
+    from tests.tiny_models import tiny_gpt2
+
+    theirs, ours = _loraga_models(tiny_gpt2, ["c_attn", "c_fc"], direction="A2rBr", scale="stable")
+    _assert_corda_equal(theirs, ours)
+    # the gradient cache round-trips; without gradients (a saved adapter loading) the init is LoRA's
+    model, cache = tiny_gpt2(), str(tmp_path / "grads.pt")
+    config = onnx_peft.LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights="lora_ga",
+                                  lora_ga_config=onnx_peft.LoraGAConfig())
+    onnx_peft.preprocess_loraga(model, config, lambda: model(input_ids=token_ids(), labels=token_ids()).loss.backward(),
+                                cache_file=cache)
+    grads = {n: m._peft_loraga_grad.clone() for n, m in model.named_modules() if hasattr(m, "_peft_loraga_grad")}
+    reloaded = tiny_gpt2()
+    onnx_peft.preprocess_loraga(reloaded, config, train_step=lambda: None, cache_file=cache)
+    assert all(torch.equal(dict(reloaded.named_modules())[n]._peft_loraga_grad, g) for n, g in grads.items())
+    plain = onnx_peft.get_peft_model(tiny_gpt2(), config)
+    assert all(not v.any() for k, v in plain.state_dict().items() if "lora_B" in k)
+    with pytest.raises(AdapterConfigError, match="direction"):
+        onnx_peft.LoraGAConfig(direction="BA")
+    with pytest.raises(AdapterConfigError, match="lora_ga_config"):
+        onnx_peft.preprocess_loraga(tiny_gpt2(), onnx_peft.LoraConfig(r=4, target_modules=["c_attn"]), lambda: None)

@@ -27,7 +27,7 @@ from ..errors import AdapterConfigError, IncompatibleAdapterError
 from ..targets import pattern_value
 from .trainable_tokens import LORA_DELTA, check_indices, replace_rows, token_slots
 
-_INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq", "eva")
+_INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq", "eva", "corda", "lora_ga")
 
 
 @register_config
@@ -54,6 +54,8 @@ class LoraConfig(AdapterConfig):
     use_dora: bool = False
     loftq_config: dict[str, Any] = field(default_factory=dict)  # LoftQConfig fields (init "loftq")
     eva_config: dict[str, Any] | None = None  # EvaConfig fields (init "eva", tuners/lora_init/eva.py)
+    corda_config: dict[str, Any] | None = None  # CordaConfig fields (init "corda", tuners/lora_init/corda.py)
+    lora_ga_config: dict[str, Any] | None = None  # LoraGAConfig fields (init "lora_ga", tuners/lora_init/loraga.py)
     # rows of embeddings trained next to the LoRA weights (methods/trainable_tokens.py): a list for
     # the input embedding, or {embedding module name: list}
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
@@ -63,6 +65,13 @@ class LoraConfig(AdapterConfig):
             self.loftq_config = dataclasses.asdict(self.loftq_config)
         if dataclasses.is_dataclass(self.eva_config):  # an EvaConfig, likewise
             self.eva_config = dataclasses.asdict(self.eva_config)
+        if dataclasses.is_dataclass(self.corda_config):  # a CordaConfig, likewise
+            self.corda_config = dataclasses.asdict(self.corda_config)
+        if dataclasses.is_dataclass(self.lora_ga_config):  # a LoraGAConfig, likewise
+            self.lora_ga_config = dataclasses.asdict(self.lora_ga_config)
+        if self.init_lora_weights == "corda" and self.corda_config is None:  # PEFT's default CordaConfig
+            self.corda_config = {"cache_file": None, "covariance_file": None, "corda_method": "ipm", "verbose": False,
+                                 "use_float16_for_covariance": False, "prune_temporary_fields": True}
         if not isinstance(self.r, int) or self.r <= 0:
             raise AdapterConfigError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
         check_positive_ints(self.rank_pattern, "LoraConfig.rank_pattern")
@@ -81,7 +90,8 @@ class LoraConfig(AdapterConfig):
         ):
             raise AdapterConfigError(
                 f"LoraConfig.init_lora_weights={init!r} is not supported; use True, False, "
-                "'gaussian', 'pissa', 'pissa_niter_N', 'olora', 'loftq' or 'eva' (then initialize_lora_eva_weights)"
+                "'gaussian', 'pissa', 'pissa_niter_N', 'olora', 'loftq', 'eva' (then initialize_lora_eva_weights), "
+                "'corda' (after preprocess_corda) or 'lora_ga' (after preprocess_loraga)"
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise AdapterConfigError("LoraConfig.layers_pattern needs layers_to_transform")

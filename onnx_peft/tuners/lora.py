@@ -113,8 +113,13 @@ class LoraLayer(AdapterLayer):
     def _init_weights(self, adapter_name: str, init: bool | str) -> None:
         if init is False:
             return
-        if isinstance(init, str) and (init in ("olora", "loftq") or init.startswith("pissa")):
+        if isinstance(init, str) and (init in ("olora", "loftq", "corda") or init.startswith("pissa")):
             self._init_from_base_weight(adapter_name, init)
+            return
+        if init == "lora_ga" and hasattr(self.base_layer, "_peft_loraga_grad"):  # else the default init, as PEFT
+            from .lora_init.loraga import loraga_init
+
+            loraga_init(self, adapter_name, getattr(self, "_lora_ga_config", None))
             return
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         if init == "gaussian":
@@ -227,6 +232,11 @@ class Linear(LoraLayer):
     def _init_from_base_weight(self, adapter_name: str, init: str) -> None:
         """PiSSA (principal singular vectors), OLoRA (QR) or LoftQ (alternating NF4 quantization and
         SVD, onnx_peft.quant.loftq): A, B from W; W keeps the residual (LoftQ: its quantized form)."""
+        if init == "corda":  # A, B from preprocess_corda's eigens (tuners/lora_init/corda.py)
+            from .lora_init.corda import corda_init
+
+            corda_init(self, adapter_name)
+            return
         r, scaling = self.r[adapter_name], self.scaling[adapter_name]
         if init == "loftq":
             from ..quant.loftq import apply_loftq
@@ -395,6 +405,7 @@ def make_lora_layer(module: nn.Module, adapter_name: str, config: LoraConfig, mo
 
 
 def add_lora_adapter(layer: LoraLayer, adapter_name: str, config: LoraConfig, module_path: str) -> None:
+    layer._lora_ga_config = getattr(config, "lora_ga_config", None)  # read by init "lora_ga" (tuners/lora_init/loraga.py)
     layer.update_layer(
         adapter_name, r=config.rank_for(module_path), lora_alpha=config.alpha_for(module_path),
         lora_dropout=float(config.lora_dropout), init_lora_weights=config.init_lora_weights,

@@ -1,1 +1,1 @@
-"""Data-driven LoRA initializations that need a pass over data (EVA). Importing this needs torch."""
+"""Data-driven LoRA initializations that need a pass over data (EVA, CorDA, LoRA-GA). Importing this needs torch."""
