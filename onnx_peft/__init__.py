@@ -12,7 +12,7 @@ from typing import Any
 from .config import AdapterConfig
 from .errors import OnnxPeftError
 from .export import export  # eager: the function must shadow the submodule of the same name
-from .methods.lora import LoraConfig
+from .methods.lora import LoraConfig, LoraRuntimeConfig
 
 __version__ = "0.1.0"
 
@@ -43,7 +43,7 @@ _LAZY: dict[str, tuple[str, bool]] = {
     "preprocess_loraga": ("onnx_peft.tuners.lora_init.loraga", True),
 }
 
-__all__ = ["AdapterConfig", "LoraConfig", "OnnxPeftError", "export", *_LAZY]
+__all__ = ["AdapterConfig", "LoraConfig", "LoraRuntimeConfig", "OnnxPeftError", "export", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -103,7 +103,7 @@ class AdapterConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.extra)
         for f in dataclasses.fields(self):
-            if f.name == "extra":
+            if f.name == "extra" or not f.metadata.get("saved", True):  # run-time only (LoRA's runtime_config)
                 continue
             value = getattr(self, f.name)
             out[f.name] = sorted(value) if isinstance(value, set) else value

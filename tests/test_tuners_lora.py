@@ -627,3 +627,26 @@ def test_all_linear_on_a_model_with_adapters_targets_the_same_modules():
     model.add_adapter("second", onnx_peft.LoraConfig(target_modules="all-linear"))
     assert model.peft_config["second"].target_modules == model.peft_config["default"].target_modules
     assert sum("second" in layer.adapter_names() for _, layer in model._layers()) == 14
+
+
+def test_runtime_config_is_accepted_and_never_saved(tmp_path):
+    """PEFT's LoraRuntimeConfig(ephemeral_gpu_offload) is run-time only: not in adapter_config.json."""
+    import json
+
+    import peft
+    from tiny_models import tiny_llama
+
+    import onnx_peft
+
+    config = onnx_peft.LoraConfig(target_modules=["q_proj"], use_dora=True,
+                                  runtime_config=onnx_peft.LoraRuntimeConfig(ephemeral_gpu_offload=True))
+    model = onnx_peft.get_peft_model(tiny_llama(), config)
+    model.save_pretrained(tmp_path)
+    assert "runtime_config" not in json.loads((tmp_path / "adapter_config.json").read_text())
+    # (PEFT itself raises "Torch not compiled with CUDA enabled" for this setting on a CPU-only torch;
+    # without CUDA it changes nothing here)
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(target_modules=["q_proj"], use_dora=True))
+    assert set(theirs.state_dict()) == set(model.state_dict())
+    reloaded = onnx_peft.LoraConfig.from_dict({**json.loads((tmp_path / "adapter_config.json").read_text()),
+                                               "runtime_config": {"ephemeral_gpu_offload": True}})
+    assert reloaded.runtime_config.ephemeral_gpu_offload is True

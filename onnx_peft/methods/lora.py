@@ -30,6 +30,18 @@ from .trainable_tokens import LORA_DELTA, check_indices, replace_rows, token_slo
 _INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq", "eva", "corda", "lora_ga")
 
 
+@dataclass
+class LoraRuntimeConfig:
+    """PEFT's run-time LoRA settings: never saved in adapter_config.json (a saved one is ignored).
+
+    ``ephemeral_gpu_offload``: for layers kept in CPU memory, DoRA's initial weight norm is computed
+    on the GPU and copied back (PEFT: "currently only affects DoRA initialization"); without CUDA it
+    changes nothing.
+    """
+
+    ephemeral_gpu_offload: bool = False
+
+
 @register_config
 @dataclass
 class LoraConfig(AdapterConfig):
@@ -59,8 +71,14 @@ class LoraConfig(AdapterConfig):
     # rows of embeddings trained next to the LoRA weights (methods/trainable_tokens.py): a list for
     # the input embedding, or {embedding module name: list}
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig, metadata={"saved": False})
 
     def validate(self) -> None:
+        if isinstance(self.runtime_config, dict):  # PEFT ignores a saved one; keep its values if given
+            self.runtime_config = LoraRuntimeConfig(**{k: v for k, v in self.runtime_config.items()
+                                                       if k == "ephemeral_gpu_offload"})
+        if not isinstance(self.runtime_config, LoraRuntimeConfig):
+            raise AdapterConfigError(f"LoraConfig.runtime_config must be a LoraRuntimeConfig, got {self.runtime_config!r}")
         if dataclasses.is_dataclass(self.loftq_config):  # a LoftQConfig: stored as PEFT writes it
             self.loftq_config = dataclasses.asdict(self.loftq_config)
         if dataclasses.is_dataclass(self.eva_config):  # an EvaConfig, likewise

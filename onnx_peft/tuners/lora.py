@@ -87,7 +87,10 @@ class LoraLayer(AdapterLayer):
         if use_dora:
             with torch.no_grad():
                 weight, delta = self._out_first(adapter_name)
-                norm = row_norm(weight + delta)
+                if getattr(self, "_ephemeral_gpu_offload", False) and weight.device.type == "cpu" and torch.cuda.is_available():
+                    norm = row_norm((weight + delta).cuda()).to(weight.device)  # LoraRuntimeConfig
+                else:
+                    norm = row_norm(weight + delta)
             self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.reshape(self._magnitude_shape()))
             self._move_to_base(adapter_name)
 
@@ -406,6 +409,7 @@ def make_lora_layer(module: nn.Module, adapter_name: str, config: LoraConfig, mo
 
 def add_lora_adapter(layer: LoraLayer, adapter_name: str, config: LoraConfig, module_path: str) -> None:
     layer._lora_ga_config = getattr(config, "lora_ga_config", None)  # read by init "lora_ga" (tuners/lora_init/loraga.py)
+    layer._ephemeral_gpu_offload = config.runtime_config.ephemeral_gpu_offload
     layer.update_layer(
         adapter_name, r=config.rank_for(module_path), lora_alpha=config.alpha_for(module_path),
         lora_dropout=float(config.lora_dropout), init_lora_weights=config.init_lora_weights,
