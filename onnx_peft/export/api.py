@@ -305,8 +305,9 @@ def _own_adapter_as_folder(model: Any, named: dict[str, Path], mode: str) -> tup
 
     from ..model import PeftModel
 
-    if mode not in ("inputs", "external") or named or not isinstance(model, PeftModel):
-        return None
+    if mode not in ("inputs", "external") or named or not isinstance(model, PeftModel) \
+            or len(model.active_adapters) != 1 or uses_adaption_prompt(model, named):
+        return None  # (Llama-Adapter has its own input path; several active adapters are refused there)
     active = model.active_adapter
     config = model.peft_config.get(active)
     if config is None or (config.peft_type == "LORA" and not getattr(config, "use_dora", False)
