@@ -209,7 +209,7 @@ def peft_to_slots(config: AdapterConfig, tensors: Mapping[str, np.ndarray], dtyp
     adapter = PeftAdapter.from_tensors("adapter", source, config, rest, variant)
     module_map = None
     if contract is not None:
-        from .graph.modules import match_module
+        from .graph.module_map import match_module
 
         known = {s.module for s in contract.slots}
         module_map = {m: match_module(m, known) or m for m in adapter.modules}

@@ -29,7 +29,7 @@ from onnx_peft.errors import AdapterConfigError, IncompatibleAdapterError
 from onnx_peft.graph.branch import BRANCH_KEY
 from onnx_peft.graph.contract import CONTRACT_KEY, FULL_WEIGHT_METHOD
 from onnx_peft.graph.io import load_model
-from onnx_peft.graph.modules import map_modules
+from onnx_peft.graph.module_map import map_modules
 from onnx_peft.passes import extract_adapters
 from onnx_peft.passes.insert_adapters import insert_adapters
 from onnx_peft.passes.merge_adapters import merge_adapters

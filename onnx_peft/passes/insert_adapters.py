@@ -53,7 +53,8 @@ from ..graph.contract import (
     weight_fingerprint,
     write_contract,
 )
-from ..graph.modules import LinearSite, map_modules
+from ..graph.module_map import map_modules
+from ..graph.modules import LinearSite
 from ..graph.op_sites import EmbeddingSite, find_sites, tied_heads
 from ..methods.forms import default_array, form
 from ..targets import is_target

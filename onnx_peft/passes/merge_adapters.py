@@ -36,7 +36,8 @@ from ..errors import IncompatibleAdapterError, NoAdapterSitesError, UnsafePathEr
 from ..graph.banks import MULTI_ADAPTER_KEY
 from ..graph.contract import read_contract
 from ..graph.io import load_model, save_model
-from ..graph.modules import LinearSite, constant_array, map_modules
+from ..graph.module_map import map_modules
+from ..graph.modules import LinearSite, constant_array
 from ..graph.op_sites import EmbeddingSite, NormSite, find_sites, tied_heads
 from ..graph.sites import AdapterBranch, find_adapter_branches, remove_branch, remove_dead
 from ..methods.forms import form

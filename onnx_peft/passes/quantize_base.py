@@ -27,7 +27,8 @@ from onnx_ir.passes import InPlacePass, PassResult
 
 from ..errors import NoAdapterSitesError, require_onnxruntime
 from ..graph.branch import BRANCH_KEY
-from ..graph.modules import LinearSite, constant_array, find_linear_sites, match_module
+from ..graph.module_map import match_module
+from ..graph.modules import LinearSite, constant_array, find_linear_sites
 from ..graph.sites import remove_dead
 from ..quant.formats import (
     BLOCKSIZES_4BIT,
