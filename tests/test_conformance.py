@@ -153,6 +153,26 @@ def test_insert_and_convert_swap_method_and_lora_in_one_session(case, inserted):
         assert _diff(_run(session, case["ids"]), case["base_expected"]) <= TOL
 
 
+def test_merge_strategy_swaps_method_and_lora_at_base_cost(case, inserted):
+    """strategy="merge": each adapter folded into the weights by ONNX Runtime on swap equals PEFT;
+    the base comes back exactly; the session's graph has the base's nodes (no branches)."""
+    model, converted = inserted
+    if case["name"].startswith(("trainable_tokens", "ln_tuning")):
+        with pytest.raises(OnnxPeftError, match="no merged form|not a Linear"):
+            AdapterSession(model, strategy="merge")
+        return
+    session = AdapterSession(model, strategy="merge")
+    session.load_adapter("a", converted)
+    session.load_adapter("lora", model.parent / "adapters" / "lora.onnx_adapter")
+    base = _run(session, case["ids"])
+    for _ in range(2):
+        assert _diff(_run(session, case["ids"], "a"), case["expected"]) <= TOL
+        assert session.active_adapter == "a"
+        assert _diff(_run(session, case["ids"], "lora"), case["lora_expected"]) <= TOL
+        assert np.array_equal(_run(session, case["ids"]), base)
+    assert _diff(base, case["base_expected"]) <= TOL
+
+
 def test_multi_adapter_rows_equal_single_runs_or_refuse(case, inserted):
     model, converted = inserted
     if not case["spec"]["per_row"]:

@@ -1,7 +1,8 @@
 """AdapterSession.generate: greedy decoding with the KV cache equals transformers' generate.
 
 Tiny Llama and GPT-2 (2 layers, hidden 32, vocab 64; initializer_range 0.3 so tokens vary),
-exported with task causal-lm-with-past; a batch of two prompts, the second left padded.
+exported with task causal-lm-with-past; a batch of two prompts, the second left padded. Sessions
+run on every ONNX Runtime device (``ort_device``: CPU, and CUDA where onnxruntime-gpu has it).
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ def torch_generate(model, ids, mask, new, **kwargs):
     return out.numpy()
 
 
-def test_greedy_equals_transformers_token_for_token(exported):
+def test_greedy_equals_transformers_token_for_token(exported, ort_device):
     kind, dirs, path, _ = exported
-    session = AdapterSession(path)
+    session = AdapterSession(path, device=ort_device)
     for name in dirs:
         session.load_adapter(name, path.parent / "adapters" / f"{name}.onnx_adapter")
     for name in [None, "b"]:
@@ -81,9 +82,9 @@ def test_greedy_equals_transformers_token_for_token(exported):
     assert np.array_equal(session.generate(PROMPTS[:1], 6), torch_generate(tiny(kind), PROMPTS[:1], MASK[:1], 6))
 
 
-def test_eos_stops_rows_and_pads(exported):
+def test_eos_stops_rows_and_pads(exported, ort_device):
     _, _, path, _ = exported
-    session = AdapterSession(path)
+    session = AdapterSession(path, device=ort_device)
     free = session.generate(PROMPTS, 6, attention_mask=MASK)
     eos = int(free[0, 6])  # the second new token of row 0
     out = session.generate(PROMPTS, 6, attention_mask=MASK, eos_token_id=eos, pad_token_id=0)
@@ -93,9 +94,9 @@ def test_eos_stops_rows_and_pads(exported):
     assert np.array_equal(out[0, :5 + stop + 1], free[0, :5 + stop + 1])
 
 
-def test_sampling_is_seeded_and_bad_input_is_typed(exported):
+def test_sampling_is_seeded_and_bad_input_is_typed(exported, ort_device):
     _, _, path, _ = exported
-    session = AdapterSession(path)
+    session = AdapterSession(path, device=ort_device)
     one = session.generate(PROMPTS, 5, attention_mask=MASK, do_sample=True, top_k=8, top_p=0.9, temperature=0.7, seed=3)
     two = session.generate(PROMPTS, 5, attention_mask=MASK, do_sample=True, top_k=8, top_p=0.9, temperature=0.7, seed=3)
     assert np.array_equal(one, two) and one.shape == (2, 10)
@@ -116,17 +117,17 @@ def test_sample_filters_top_k_and_top_p():
     assert set(_sample(logits, rng, 1.0, 0, 0.4)) == {0}
 
 
-def test_not_a_decoder_is_refused(tmp_path):
+def test_not_a_decoder_is_refused(tmp_path, ort_device):
     from test_runtime import build_slot_model
 
-    session = AdapterSession(build_slot_model(tmp_path / "m.onnx"))
+    session = AdapterSession(build_slot_model(tmp_path / "m.onnx"), device=ort_device)
     with pytest.raises(RuntimeSessionError, match="not a causal LM with past"):
         session.generate(PROMPTS, 2)
 
 
-def test_per_row_adapters_on_multi_adapter_decoder_equal_peft(exported):
+def test_per_row_adapters_on_multi_adapter_decoder_equal_peft(exported, ort_device):
     kind, dirs, path, multi = exported
-    session = AdapterSession(multi)
+    session = AdapterSession(multi, device=ort_device)
     for name in dirs:
         session.load_adapter(name, path.parent / "adapters" / f"{name}.onnx_adapter")
     rows = ["a", "b", None]
@@ -139,12 +140,12 @@ def test_per_row_adapters_on_multi_adapter_decoder_equal_peft(exported):
         assert np.array_equal(ours[i, (~keep).sum():], expected[0]), (i, name)
 
 
-def test_onnx_adapter_runs_in_ort_lora_adapter_on_extracted_model(exported):
+def test_onnx_adapter_runs_in_ort_lora_adapter_on_extracted_model(exported, ort_providers, ort_device):
     import onnxruntime as ort
 
     _, _, path, _ = exported
     adapter_file = path.parent / "adapters" / "b.onnx_adapter"
-    session = AdapterSession(path)
+    session = AdapterSession(path, device=ort_device)
     session.load_adapter("b", adapter_file)
     feeds = {"input_ids": PROMPTS, "attention_mask": MASK, "position_ids": np.maximum(np.cumsum(MASK, 1) - 1, 0)}
     for name, spec in session._inputs.items():
@@ -154,23 +155,23 @@ def test_onnx_adapter_runs_in_ort_lora_adapter_on_extracted_model(exported):
     lora.Load(str(adapter_file))
     options = ort.RunOptions()
     options.add_active_adapter(lora)
-    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    plain = ort.InferenceSession(str(path), providers=ort_providers)
     (theirs,) = plain.run(["logits"], feeds, options)
     (ours,) = session.run(["logits"], feeds, adapter="b")
     (base,) = session.run(["logits"], feeds)
     assert np.abs(theirs - ours).max() <= 1e-5 and np.abs(base - ours).max() > 1e-3
 
 
-def test_cli_infer_generates_like_the_session(exported, capsys):
+def test_cli_infer_generates_like_the_session(exported, capsys, ort_device):
     from onnx_peft.cli import main
 
     _, _, path, multi = exported
     adapter = f"a={path.parent / 'adapters' / 'a.onnx_adapter'}"
     argv = ["infer", str(multi), "--adapter", adapter, "--input-ids", "5,9,3,7,1", "--input-ids", "4,8,2",
-            "--use", "a,-", "--max-new-tokens", "4"]
+            "--use", "a,-", "--max-new-tokens", "4", "--device", ort_device]
     assert main(argv) == 0
     out = capsys.readouterr().out.splitlines()
-    session = AdapterSession(multi)
+    session = AdapterSession(multi, device=ort_device)
     session.load_adapter("a", path.parent / "adapters" / "a.onnx_adapter")
     expected = session.generate(PROMPTS, 4, adapter=["a", None], attention_mask=MASK)[:, 5:]
     assert out == [f"row 0 [a]: {expected[0].tolist()}", f"row 1 [base]: {expected[1].tolist()}"]
@@ -179,9 +180,9 @@ def test_cli_infer_generates_like_the_session(exported, capsys):
     assert "--tokenizer" in capsys.readouterr().err
 
 
-def test_peft_dir_loads_like_its_converted_file(exported):
+def test_peft_dir_loads_like_its_converted_file(exported, ort_device):
     _, dirs, path, _ = exported
-    session = AdapterSession(path)
+    session = AdapterSession(path, device=ort_device)
     session.load_adapter("file", path.parent / "adapters" / "a.onnx_adapter")
     session.load_adapter("dir", dirs["a"])
     assert np.array_equal(session.generate(PROMPTS, 4, adapter="dir", attention_mask=MASK),

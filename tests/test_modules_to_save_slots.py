@@ -3,7 +3,8 @@ swappable ``classifier.weight`` / ``classifier.bias`` slots whose defaults are t
 
 A tiny BertForSequenceClassification (hidden 32, 2 layers, 4 labels) gets LoRA adapters with
 their own heads (onnx_peft tuners and Hugging Face PEFT); one export with mode="inputs" must
-reproduce each PyTorch forward within 1e-5, per run and per batch row.
+reproduce each PyTorch forward within 1e-5, per run and per batch row, on every ONNX Runtime device
+(``ort_device``; the tests that export a model of their own run on the default device).
 """
 
 from __future__ import annotations
@@ -82,9 +83,9 @@ def served(tmp_path_factory):
     return path, dirs, models
 
 
-def test_single_adapter_runs_match_each_peft_model_and_no_adapter_is_the_base(served):
+def test_single_adapter_runs_match_each_peft_model_and_no_adapter_is_the_base(served, ort_device):
     path, dirs, models = served
-    session = AdapterSession(path, providers=["CPUExecutionProvider"])
+    session = AdapterSession(path, device=ort_device)
     info = json.loads((path.parent / "export_info.json").read_text())
     for name in models:
         session.load_adapter(name, path.parent / info["adapters"][name])
@@ -115,23 +116,23 @@ def test_the_contract_and_adapter_files_hold_the_head_in_the_graphs_layout(serve
     assert not any(k.startswith("classifier.") for k in c_tensors)  # c keeps the base head
 
 
-def test_peft_dirs_load_directly_into_the_session(served):
+def test_peft_dirs_load_directly_into_the_session(served, ort_device):
     path, dirs, models = served
-    session = AdapterSession(path, providers=["CPUExecutionProvider"])
+    session = AdapterSession(path, device=ort_device)
     session.load_adapter("a", dirs["a"])
     feeds = _feeds(seed=4)
     (got,) = session.run(["logits"], feeds, adapter="a")
     assert np.abs(got - _torch_logits(models["a"], feeds)).max() <= ATOL
 
 
-def test_multi_adapter_mixes_heads_per_row_and_id_0_is_the_base(served, tmp_path):
+def test_multi_adapter_mixes_heads_per_row_and_id_0_is_the_base(served, tmp_path, ort_device):
     path, dirs, models = served
     multi = multi_adapter(path, tmp_path / "multi")
     graph = ir.load(multi).graph
     inputs = {v.name: v for v in graph.inputs}
     assert "classifier.weight.bank" in inputs and "classifier.bias.bank" in inputs
     assert "classifier.weight" not in inputs
-    session = AdapterSession(multi, providers=["CPUExecutionProvider"])
+    session = AdapterSession(multi, device=ort_device)
     for name in ("a", "b", "c"):
         session.load_adapter(name, path.parent / "adapters" / f"{name}.onnx_adapter")
     feeds = _feeds(batch=4, seed=5)
@@ -148,7 +149,7 @@ def test_multi_adapter_mixes_heads_per_row_and_id_0_is_the_base(served, tmp_path
     np.testing.assert_allclose(after[2:], mixed[2:], atol=ATOL, rtol=0)
 
 
-def test_an_adapter_from_hugging_face_peft_serves_its_head(served, tmp_path):
+def test_an_adapter_from_hugging_face_peft_serves_its_head(served, tmp_path, ort_device):
     peft = pytest.importorskip("peft")
     path, _, _ = served
     torch.manual_seed(7)
@@ -157,7 +158,7 @@ def test_an_adapter_from_hugging_face_peft_serves_its_head(served, tmp_path):
     model = peft.get_peft_model(_base(), config).eval()
     _randomize_head(model, 77)
     model.save_pretrained(tmp_path / "hf")
-    session = AdapterSession(path, providers=["CPUExecutionProvider"])
+    session = AdapterSession(path, device=ort_device)
     session.load_adapter("hf", tmp_path / "hf")
     feeds = _feeds(seed=6)
     (got,) = session.run(["logits"], feeds, adapter="hf")
@@ -170,7 +171,7 @@ def test_exporting_a_peft_model_keeps_the_base_head_in_the_graph_and_its_own_in_
     wrapper = model.base_model.model.classifier
     path = export(model, tmp_path / "out", task="sequence-classification", mode="inputs", quiet=True)
     assert model.base_model.model.classifier is wrapper  # the model passed in is left as it was
-    session = AdapterSession(path, providers=["CPUExecutionProvider"])
+    session = AdapterSession(path)
     session.load_adapter("b", path.parent / "adapters" / "default.onnx_adapter")
     feeds = _feeds(seed=9)
     (got,) = session.run(["logits"], feeds, adapter="b")
@@ -200,7 +201,7 @@ def test_llama_score_head_without_bias_on_a_rank_3_input(tmp_path):
                   task="sequence-classification", mode="inputs", quiet=True)
     slots = read_contract(ir.load(path).metadata_props).slot_map()
     assert "score.weight" in slots and "score.bias" not in slots
-    multi = AdapterSession(multi_adapter(path, tmp_path / "multi"), providers=["CPUExecutionProvider"])
+    multi = AdapterSession(multi_adapter(path, tmp_path / "multi"))
     multi.load_adapter("s", tmp_path / "s")
     feeds = {k: v for k, v in _feeds(batch=2, seed=10).items() if k != "token_type_ids"}
     feeds["attention_mask"][:] = 1
@@ -234,7 +235,7 @@ def test_a_base_with_other_num_labels_is_loaded_with_the_adapters_head_size(serv
     _base(num_labels=2).save_pretrained(tmp_path / "base2")
     path = export(tmp_path / "base2", tmp_path / "out", adapters={"a": dirs["a"]},
                   task="sequence-classification", mode="inputs", quiet=True)
-    session = AdapterSession(path, providers=["CPUExecutionProvider"])
+    session = AdapterSession(path)
     session.load_adapter("a", dirs["a"])
     feeds = _feeds(seed=8)
     (got,) = session.run(["logits"], feeds, adapter="a")
@@ -277,7 +278,7 @@ def _save(model, path):
     return save_model(model, path)
 
 
-def test_extract_makes_matmul_add_weights_slots_with_base_defaults(tmp_path):
+def test_extract_makes_matmul_add_weights_slots_with_base_defaults(tmp_path, ort_device, ort_providers):
     import onnxruntime as ort
 
     model = _parse(_GRAPH)
@@ -291,27 +292,27 @@ def test_extract_makes_matmul_add_weights_slots_with_base_defaults(tmp_path):
     x = np.random.default_rng(0).standard_normal((2, 5, 4)).astype(np.float32)
     weight = np.arange(1, 13, dtype=np.float32).reshape(4, 3)
     bias = np.array([0.5, -1, 2], np.float32)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), providers=ort_providers)
     np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ weight + bias, atol=ATOL, rtol=0)
     other_w, other_b = weight[::-1].copy(), -bias
     got = session.run(None, {"x": x, "head.weight": other_w, "head.bias": other_b})[0]
     np.testing.assert_allclose(got, x @ other_w + other_b, atol=ATOL, rtol=0)
 
     multi = multi_adapter(path, tmp_path / "multi")
-    session = AdapterSession(multi, providers=["CPUExecutionProvider"])
+    session = AdapterSession(multi, device=ort_device)
     session.load_adapter("o", {"head.weight": other_w, "head.bias": other_b})
     got = session.run(["y"], {"x": x}, adapter=["o", None])[0]
     np.testing.assert_allclose(got[0], x[0] @ other_w + other_b, atol=ATOL, rtol=0)
     np.testing.assert_allclose(got[1], x[1] @ weight + bias, atol=ATOL, rtol=0)
 
 
-def test_a_bias_the_exporter_dropped_gets_a_zero_default_slot(tmp_path):
+def test_a_bias_the_exporter_dropped_gets_a_zero_default_slot(tmp_path, ort_device):
     model = _parse(_NO_BIAS)
     ExtractAdapters(full_weight_modules=["head"], full_weight_biases=["head"])(model)
     slots = read_contract(model.metadata_props).slot_map()
     assert slots["head.weight"].layout == "out_in" and slots["head.bias"].shape == (3,)
     path = _save(model, tmp_path / "m.onnx")
-    session = AdapterSession(path, providers=["CPUExecutionProvider"])
+    session = AdapterSession(path, device=ort_device)
     x = np.ones((2, 4), np.float32)
     weight = np.arange(1, 13, dtype=np.float32).reshape(3, 4)
     np.testing.assert_allclose(session.run(["y"], {"x": x})[0], x @ weight.T, atol=ATOL, rtol=0)

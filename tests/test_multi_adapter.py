@@ -1,4 +1,5 @@
-"""MultiAdapter pass + AdapterSession per-row adapters: each row equals running it alone."""
+"""MultiAdapter pass + AdapterSession per-row adapters: each row equals running it alone, on every
+ONNX Runtime device (``ort_device``)."""
 
 from __future__ import annotations
 
@@ -49,18 +50,18 @@ def test_pass_replaces_slots_by_banks_and_records_layout(models):
     onnx.checker.check_model(onnx.load(multi))
 
 
-def test_plain_ort_runs_the_base_with_ids_zero(models):
+def test_plain_ort_runs_the_base_with_ids_zero(models, ort_providers):
     slot, multi, seq = models
     x = np.random.default_rng(1).standard_normal((4, 3, DIMS[0]) if seq else (4, DIMS[0])).astype(np.float32)
-    sess = ort.InferenceSession(str(multi), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(multi), providers=ort_providers)
     (out,) = sess.run(None, {"x": x, "adapter_ids": np.zeros(4, np.int64)})
     assert np.abs(out - reference(x)).max() <= 1e-5
 
 
-def test_each_row_equals_running_it_alone(models):
+def test_each_row_equals_running_it_alone(models, ort_device):
     slot, multi, seq = models
     tensors = adapters()
-    single, mixed = AdapterSession(slot), AdapterSession(multi)
+    single, mixed = AdapterSession(slot, device=ort_device), AdapterSession(multi, device=ort_device)
     assert mixed.is_multi_adapter and not single.is_multi_adapter
     for name, t in tensors.items():
         single.load_adapter(name, t)
@@ -83,10 +84,10 @@ def test_each_row_equals_running_it_alone(models):
     assert np.array_equal(mixed.run(None, {"x": x, "adapter_ids": explicit})[0], out)
 
 
-def test_unload_and_reload_rebuild_banks_without_new_session(models):
+def test_unload_and_reload_rebuild_banks_without_new_session(models, ort_device):
     slot, multi, seq = models
     tensors = adapters()
-    session = AdapterSession(multi)
+    session = AdapterSession(multi, device=ort_device)
     ort_session = session._session
     x = np.random.default_rng(2).standard_normal((3, 2, DIMS[0]) if seq else (3, DIMS[0])).astype(np.float32)
     session.load_adapter("r4", tensors["r4"])
@@ -99,9 +100,9 @@ def test_unload_and_reload_rebuild_banks_without_new_session(models):
     assert session._session is ort_session and session.adapters == ["r16", "r8"]
 
 
-def test_bad_rows_raise_typed_errors(models):
+def test_bad_rows_raise_typed_errors(models, ort_device):
     slot, multi, seq = models
-    session = AdapterSession(multi)
+    session = AdapterSession(multi, device=ort_device)
     session.load_adapter("a", adapters()["r4"])
     x = np.zeros((2, 3, DIMS[0]) if seq else (2, DIMS[0]), np.float32)
     with pytest.raises(RuntimeSessionError, match="3 entries but the batch has 2"):
@@ -117,10 +118,10 @@ def test_bad_rows_raise_typed_errors(models):
     assert np.abs(session.run(None, {"x": x}, adapter=["a", None])[0][1] - reference(x[1:])[0]).max() <= 1e-5
 
 
-def test_threads_mix_rows_while_adapters_come_and_go(models):
+def test_threads_mix_rows_while_adapters_come_and_go(models, ort_device):
     slot, multi, seq = models
     tensors = adapters()
-    session = AdapterSession(multi)
+    session = AdapterSession(multi, device=ort_device)
     for name in ["r4", "r8", "r16"]:
         session.load_adapter(name, tensors[name])
     x = np.random.default_rng(4).standard_normal((4, 2, DIMS[0]) if seq else (4, DIMS[0])).astype(np.float32)
@@ -152,7 +153,7 @@ def test_threads_mix_rows_while_adapters_come_and_go(models):
     assert errors == []
 
 
-def test_cli_multi_adapter_and_bench(models, tmp_path, capsys):
+def test_cli_multi_adapter_and_bench(models, tmp_path, capsys, ort_device):
     from onnx_peft.cli import main
     from onnx_peft.formats import save_adapter_file
 
@@ -162,7 +163,8 @@ def test_cli_multi_adapter_and_bench(models, tmp_path, capsys):
     files = []
     for name in ["r4", "r16"]:
         files.append(f"{name}={save_adapter_file(tmp_path / f'{name}.onnx_adapter', adapters()[name])}")
-    argv = ["bench", str(tmp_path / "out" / "model.onnx"), "--batch", "3", "--seq", "2", "--runs", "2", "--warmup", "1"]
+    argv = ["bench", str(tmp_path / "out" / "model.onnx"), "--batch", "3", "--seq", "2", "--runs", "2", "--warmup", "1",
+            "--device", ort_device]
     assert main(argv + [f"--adapter={f}" for f in files]) == 0
     out = capsys.readouterr().out
     assert "mixed rows" in out and "r16" in out and "x1.000 of base" in out

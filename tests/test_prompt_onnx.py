@@ -1,5 +1,7 @@
 """Prompt-learning adapters in ONNX: one prompt-ready graph, adapters swapped per run and mixed per
-row, generation with the KV cache; every output checked against Hugging Face PEFT."""
+row, generation with the KV cache; every output checked against Hugging Face PEFT. The swap, per-row
+and generation tests run on every ONNX Runtime device (``ort_device``); the export-heavy ones on the
+default device."""
 
 from __future__ import annotations
 
@@ -71,9 +73,9 @@ def _greedy(directory, ids: np.ndarray, steps: int, **kwargs) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", sorted(ADAPTERS))
-def test_swap_per_run_equals_peft(deploy, name):
+def test_swap_per_run_equals_peft(deploy, name, ort_device):
     root, dirs = deploy
-    session = onnx_peft.AdapterSession(root / "causal-lm" / "model.onnx")
+    session = onnx_peft.AdapterSession(root / "causal-lm" / "model.onnx", device=ort_device)
     assert session.input_names == ["input_ids", "attention_mask"]
     session.load_adapter("dir", dirs[name])  # a PEFT folder
     session.load_adapter("file", root / "causal-lm" / "adapters" / f"{name}.onnx_adapter")
@@ -89,9 +91,9 @@ def test_swap_per_run_equals_peft(deploy, name):
     assert np.abs(base - expected).max() > 1e-3
 
 
-def test_rows_mix_adapters_of_every_kind_and_length(deploy):
+def test_rows_mix_adapters_of_every_kind_and_length(deploy, ort_device):
     root, dirs = deploy
-    session = onnx_peft.AdapterSession(root / "causal-lm" / "model.onnx")
+    session = onnx_peft.AdapterSession(root / "causal-lm" / "model.onnx", device=ort_device)
     for name, directory in dirs.items():
         session.load_adapter(name, directory)
     rows = ["pt", None, "pre", "mpt", "pt2", "pe"]
@@ -107,9 +109,9 @@ def test_rows_mix_adapters_of_every_kind_and_length(deploy):
 
 
 @pytest.mark.parametrize("name", ["pt", "pre", "mpt", "pe"])
-def test_generate_equals_peft_greedy(deploy, name):
+def test_generate_equals_peft_greedy(deploy, name, ort_device):
     root, dirs = deploy
-    session = onnx_peft.AdapterSession(root / "causal-lm-with-past" / "model.onnx")
+    session = onnx_peft.AdapterSession(root / "causal-lm-with-past" / "model.onnx", device=ort_device)
     session.load_adapter(name, root / "causal-lm-with-past" / "adapters" / f"{name}.onnx_adapter")
     kwargs = {"task_ids": [1, 0]} if name == "mpt" else {}
     expected = _greedy(dirs[name], IDS, 6, **kwargs)
@@ -122,9 +124,9 @@ def test_generate_equals_peft_greedy(deploy, name):
     assert np.array_equal(got.numpy(), expected)
 
 
-def test_generate_mixes_prompts_and_prefixes_per_row(deploy):
+def test_generate_mixes_prompts_and_prefixes_per_row(deploy, ort_device):
     root, dirs = deploy
-    session = onnx_peft.AdapterSession(root / "causal-lm-with-past" / "model.onnx")
+    session = onnx_peft.AdapterSession(root / "causal-lm-with-past" / "model.onnx", device=ort_device)
     for name, directory in dirs.items():
         session.load_adapter(name, directory)
     rows = ["pt", "pre", None, "pt2", "mpt"]

@@ -4,7 +4,8 @@ The tiny models here are built by hand in the slot layout (the same one extract/
 three Linear sites ``x [batch, seq, 8] -> 16 -> 16 -> 4`` each with optional inputs
 ``<module>.lora_A.weight [in, lora_r]`` and ``<module>.lora_B.weight [lora_r, out]`` whose
 defaults are zero-rank tensors, plus the contract in metadata_props. The numpy reference is
-``y = x W + (x A) B`` per site, Relu between sites.
+``y = x W + (x A) B`` per site, Relu between sites. Every session test runs once per ONNX Runtime
+device (``ort_device`` in conftest.py: CPU, and CUDA where onnxruntime-gpu has it).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from onnx_peft.errors import (
 )
 from onnx_peft.graph.contract import Contract, Slot, weight_fingerprint, write_contract
 from onnx_peft.runtime import AdapterSession
+from onnx_peft.runtime.providers import CPU, CUDA
 
 DIMS = [8, 16, 16, 4]
 MODULES = ["model.l0", "model.l1", "model.l2"]
@@ -104,12 +106,13 @@ def x() -> np.ndarray:
     return np.random.default_rng(7).standard_normal((3, 5, DIMS[0])).astype(np.float32)
 
 
-def test_base_and_swapped_adapters_match_numpy(model_path, x):
-    session = AdapterSession(model_path)
+def test_base_and_swapped_adapters_match_numpy(model_path, x, ort_device):
+    session = AdapterSession(model_path, device=ort_device)
     a, b = make_adapter(4, 1), make_adapter(8, 2, modules=MODULES[:2])
     session.load_adapter("a", a)
     session.load_adapter("b", b)
-    assert session.adapters == ["a", "b"] and session.provider == "CPUExecutionProvider"
+    assert session.adapters == ["a", "b"]
+    assert session.device == ort_device and session.provider == {"cpu": CPU, "cuda": CUDA}[ort_device]
     for name, tensors in [(None, None), ("a", a), ("b", b), (None, None), ("a", a)]:
         (out,) = session.run(["logits"], {"x": x}, adapter=name)
         assert np.abs(out - reference(x, tensors)).max() <= 1e-5
@@ -119,10 +122,10 @@ def test_base_and_swapped_adapters_match_numpy(model_path, x):
     assert session.adapters == ["b"]
 
 
-def test_files_load_and_fingerprint_guards_base(model_path, tmp_path, x):
+def test_files_load_and_fingerprint_guards_base(model_path, tmp_path, x, ort_device):
     from onnx_peft.formats import save_adapter_file
 
-    session = AdapterSession(model_path)
+    session = AdapterSession(model_path, device=ort_device)
     tensors = make_adapter(4, 3)
     for suffix in ["onnx_adapter", "safetensors"]:
         path = save_adapter_file(tmp_path / f"a.{suffix}", tensors, session.contract.fingerprint)
@@ -146,16 +149,16 @@ def test_files_load_and_fingerprint_guards_base(model_path, tmp_path, x):
     (lambda t: {**t, "model.l2.lora_B.weight": t["model.l2.lora_B.weight"].astype(np.float16)}, "float16"),
     (lambda t: {**t, "model.l0.lora_B.weight": np.zeros((8, 16), np.float32)}, "lora_r=8"),
 ])
-def test_incompatible_adapter_names_first_mismatch(model_path, x, change, match):
-    session = AdapterSession(model_path)
+def test_incompatible_adapter_names_first_mismatch(model_path, x, change, match, ort_device):
+    session = AdapterSession(model_path, device=ort_device)
     with pytest.raises(IncompatibleAdapterError, match=match):
         session.load_adapter("bad", change(make_adapter(4, 4)))
     assert session.adapters == []
     assert np.abs(session.run(None, {"x": x})[0] - reference(x)).max() <= 1e-5
 
 
-def test_bad_runs_raise_typed_errors_and_session_stays_usable(model_path, x):
-    session = AdapterSession(model_path)
+def test_bad_runs_raise_typed_errors_and_session_stays_usable(model_path, x, ort_device):
+    session = AdapterSession(model_path, device=ort_device)
     session.load_adapter("a", make_adapter(4, 5))
     session.load_adapter("b", make_adapter(4, 6))
     with pytest.raises(RuntimeSessionError, match=r"'nope'.*loaded: a, b"):
@@ -183,8 +186,8 @@ def test_bad_runs_raise_typed_errors_and_session_stays_usable(model_path, x):
     assert np.array_equal(same, session.run(None, {"x": x}, adapter="a")[0])
 
 
-def test_unload_waits_for_runs_in_flight_or_times_out(model_path, x):
-    session = AdapterSession(model_path)
+def test_unload_waits_for_runs_in_flight_or_times_out(model_path, x, ort_device):
+    session = AdapterSession(model_path, device=ort_device)
     session.load_adapter("a", make_adapter(4, 7))
     with session._using(["a"]):  # a run of "a" in flight
         with pytest.raises(RuntimeSessionError, match="still used by 1 run"):
@@ -200,8 +203,8 @@ def test_unload_waits_for_runs_in_flight_or_times_out(model_path, x):
     assert done.is_set() and session.adapters == []
 
 
-def test_threads_never_see_another_adapters_output(model_path):
-    session = AdapterSession(model_path)
+def test_threads_never_see_another_adapters_output(model_path, ort_device):
+    session = AdapterSession(model_path, device=ort_device)
     adapters = {f"a{i}": make_adapter(4 + 2 * i, 10 + i) for i in range(4)}
     for name, tensors in adapters.items():
         session.load_adapter(name, tensors)
@@ -234,7 +237,7 @@ def test_threads_never_see_another_adapters_output(model_path):
     assert sorted(session.adapters) == ["a0", "a1", "a2", "a3"]
 
 
-def test_onnx_adapter_file_works_in_ort_lora_adapter(model_path, tmp_path, x):
+def test_onnx_adapter_file_works_in_ort_lora_adapter(model_path, tmp_path, x, ort_device, ort_providers):
     import onnxruntime as ort
 
     from onnx_peft.formats import save_adapter_file
@@ -245,16 +248,16 @@ def test_onnx_adapter_file_works_in_ort_lora_adapter(model_path, tmp_path, x):
     lora.Load(str(path))
     options = ort.RunOptions()
     options.add_active_adapter(lora)
-    plain = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    plain = ort.InferenceSession(str(model_path), providers=ort_providers)
     (theirs,) = plain.run(None, {"x": x}, options)
-    session = AdapterSession(model_path)
+    session = AdapterSession(model_path, device=ort_device)
     session.load_adapter("a", path)
     (ours,) = session.run(None, {"x": x}, adapter="a")
     assert np.abs(theirs - ours).max() <= 1e-6
     assert np.abs(ours - reference(x, tensors)).max() <= 1e-5
 
 
-def test_session_serves_packed_models_from_packed_files_and_peft_dirs(tmp_path):
+def test_session_serves_packed_models_from_packed_files_and_peft_dirs(tmp_path, ort_device):
     """A model extracted with pack_inputs: the session unpacks, checks slot by slot, packs once."""
     from helpers_onnx import TOL, case
     from helpers_onnx import max_diff as diff
@@ -263,7 +266,7 @@ def test_session_serves_packed_models_from_packed_files_and_peft_dirs(tmp_path):
 
     c = case("llama_dyn")
     model_path, packed_file = extract_adapters(c.path, tmp_path / "packed", pack_inputs=True)
-    session = AdapterSession(model_path)
+    session = AdapterSession(model_path, device=ort_device)
     session.load_adapter("packed", packed_file)
     session.load_adapter("peft", c.adapter_dir)
     assert diff(session.run(None, c.feeds)[0], c.base) <= TOL

@@ -1,6 +1,7 @@
 """onnx-peft serve: every route against a direct AdapterSession reference, batching across
 adapters (one run for concurrent requests, each its own row), the error codes, and an unload
-that waits for the requests using the adapter.
+that waits for the requests using the adapter. Deployments and references are opened on every ONNX
+Runtime device (``ort_device``: CPU, and CUDA where onnxruntime-gpu has it); the exports are shared.
 
 Deploys: tiny Llama (causal-lm-with-past, LoRA adapters a/b/c, a word-level tokenizer.json),
 tiny BERT classifier (sequence-classification) and encoder (feature-extraction), adapters x/y.
@@ -53,15 +54,23 @@ def _word_tokenizer(folder):
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
+def llama_export(tmp_path_factory):
+    """The Llama deploy folder's model.onnx (exported once, served on every device)."""
     from onnx_peft.export import export
 
     folder = tmp_path_factory.mktemp("serve_llama")
     dirs = _adapters(folder, tiny_llama, ["q_proj", "v_proj"], ["a", "b", "c"])
     path = export(tiny_llama(), folder / "deploy", adapters=dirs, task="causal-lm-with-past", mode="inputs", quiet=True)
     _word_tokenizer(path.parent)
-    deployment = open_deployment(path.parent)
-    reference = AdapterSession(path)  # the slot model, one request at a time
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama(llama_export, ort_device):
+    """(deployment, reference session) on ``ort_device``."""
+    path = llama_export
+    deployment = open_deployment(path.parent, device=ort_device)
+    reference = AdapterSession(path, device=ort_device)  # the slot model, one request at a time
     for name in "abc":
         reference.load_adapter(name, path.parent / "adapters" / f"{name}.onnx_adapter")
     yield deployment, reference
@@ -69,19 +78,26 @@ def llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bert(tmp_path_factory):
-    """(classifier deployment, encoder deployment, their reference sessions)."""
+def bert_exports(tmp_path_factory):
+    """task -> model.onnx of the classifier and the encoder, adapters x/y beside each."""
     from onnx_peft.export import export
 
     folder = tmp_path_factory.mktemp("serve_bert")
     dirs = _adapters(folder, tiny_bert_cls, ["query", "value"], ["x", "y"])
+    return {task: export(model, folder / task, adapters=dirs, task=task, mode="inputs", quiet=True)
+            for task, model in [("sequence-classification", tiny_bert_cls()),
+                                ("feature-extraction", tiny_bert_cls().bert)]}
+
+
+@pytest.fixture(scope="module")
+def bert(bert_exports, ort_device):
+    """task -> (deployment, reference session) on ``ort_device``."""
     out = {}
-    for task, model in [("sequence-classification", tiny_bert_cls()), ("feature-extraction", tiny_bert_cls().bert)]:
-        path = export(model, folder / task, adapters=dirs, task=task, mode="inputs", quiet=True)
-        reference = AdapterSession(path)
-        for name in dirs:
+    for task, path in bert_exports.items():
+        reference = AdapterSession(path, device=ort_device)
+        for name in ("x", "y"):
             reference.load_adapter(name, path.parent / "adapters" / f"{name}.onnx_adapter")
-        out[task] = (open_deployment(path.parent), reference)
+        out[task] = (open_deployment(path.parent, device=ort_device), reference)
     yield out
     for deployment, _ in out.values():
         deployment.close()
@@ -236,7 +252,7 @@ def test_unload_waits_for_the_request_using_the_adapter_then_reload(llama):
     assert app.state.metrics.adapter_loads["a"] == 2
 
 
-def test_health_models_and_metrics(llama):
+def test_health_models_and_metrics(llama, ort_device):
     deployment, _ = llama
     app = create_app(deployment)
 
@@ -246,6 +262,7 @@ def test_health_models_and_metrics(llama):
 
     health, models, metrics = call(app, requests)
     assert health.json()["mixes_adapters"] and health.json()["tokenizer"]
+    assert health.json()["provider"] == {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[ort_device]
     assert [m["id"] for m in models.json()["data"]] == ["base", *deployment.session.adapters]
     text = metrics.text
     assert 'onnx_peft_serve_requests_total{endpoint="/v1/completions",adapter="a",code="200"} 1' in text
@@ -298,7 +315,7 @@ def test_cli_serve_has_help_on_every_flag():
     assert all(a.help for a in sub._actions)
 
 
-def test_cli_serve_answers_on_loopback(llama):
+def test_cli_serve_answers_on_loopback(llama, ort_device):
     """`onnx-peft serve DEPLOY_DIR --port P` in a subprocess: health, then a completion."""
     import socket
     import subprocess
@@ -310,7 +327,7 @@ def test_cli_serve_answers_on_loopback(llama):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     process = subprocess.Popen([sys.executable, "-m", "onnx_peft.cli", "--quiet", "serve", str(deployment.folder),
-                                "--port", str(port), "--max-wait-ms", "1"],
+                                "--port", str(port), "--max-wait-ms", "1", "--device", ort_device],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -332,15 +349,15 @@ def test_cli_serve_answers_on_loopback(llama):
         process.wait(timeout=30)
 
 
-def test_serving_needs_no_torch(llama):
+def test_serving_needs_no_torch(llama_export):
     """A deploy box runs ONNX Runtime alone: open the folder and build the app with torch blocked."""
     import subprocess
     import sys
 
-    deployment, _ = llama
+    folder = llama_export.parent
     code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
             "from onnx_peft.serve import open_deployment\nfrom onnx_peft.serve.app import create_app\n"
-            f"d = open_deployment({str(deployment.folder)!r}); create_app(d)\n"
+            f"d = open_deployment({str(folder)!r}); create_app(d)\n"
             "print(d.task, d.mixes_rows, d.codec is not None)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

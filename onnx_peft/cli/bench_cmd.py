@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from ..errors import RuntimeSessionError
-from .args import parse_named_paths, session_options
+from .args import add_session_flags, parse_named_paths, session_kwargs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=20, help="timed runs per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs per variant first (default: 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs and run order")
+    add_session_flags(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.runs < 1 or args.batch < 1 or args.seq < 1:
         raise RuntimeSessionError("--runs, --batch and --seq must be >= 1")
-    session = AdapterSession(args.model, session_options=session_options(args))
+    session = AdapterSession(args.model, **session_kwargs(args))
     variants: dict[str, object] = {"base": None}
     for name, path in parse_named_paths(args.adapter).items():
         session.load_adapter(name, path)
@@ -52,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
             session.run(None, feeds, adapter=variants[key])
             times[key].append(time.perf_counter() - start)
     base = float(np.median(times["base"]))
-    print(f"{args.model} on {session.provider}, batch {args.batch}, seq {args.seq}, {args.runs} runs each")
+    tf32 = " (TF32)" if args.tf32 and session.device == "cuda" else ""
+    print(f"{args.model} on {session.provider}{tf32}, strategy {args.strategy}, batch {args.batch}, seq {args.seq}, "
+          f"{args.runs} runs each")
     for key, values in times.items():
         median = float(np.median(values))
         print(f"  {key:<20} median {median * 1e3:8.3f} ms   x{median / base:.3f} of base")

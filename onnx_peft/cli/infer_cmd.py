@@ -20,7 +20,7 @@ import numpy as np
 
 from ..checkpoint import read_label_names
 from ..errors import CheckpointError, MissingDependencyError, RuntimeSessionError
-from .args import parse_named_paths, session_options
+from .args import add_session_flags, parse_named_paths, session_kwargs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eos-token-id", type=int, default=None, help="stop a row at this token id")
     parser.add_argument("--task-ids", metavar="T[,T...]",
                         help="task id of a multitask prompt adapter: one for the batch, or one per row")
+    add_session_flags(parser)
 
 
 def _tokenizer(directory: str | None):
@@ -131,7 +132,7 @@ def _print_classes(logits: np.ndarray, adapter: str | list[str | None] | None,
 def run(args: argparse.Namespace) -> int:
     from ..runtime import AdapterSession
 
-    session = AdapterSession(args.model, session_options=session_options(args))
+    session = AdapterSession(args.model, **session_kwargs(args))
     names = []
     adapters = parse_named_paths(args.adapter)
     for name, path in adapters.items():

@@ -12,6 +12,7 @@ import re
 
 from ..errors import MissingDependencyError, OnnxPeftError
 
+_SESSION_COMMANDS = frozenset({"infer", "bench", "serve"})
 # (pattern, replacement, commands it applies to or None for all); tried in order
 _TERMS: list[tuple[str, str, frozenset[str] | None]] = [
     # insert has --in-graph, not --mode
@@ -33,6 +34,12 @@ _TERMS: list[tuple[str, str, frozenset[str] | None]] = [
     (r"overwrite=True", "--overwrite", None),
     (r"allow_pickle=True", "--allow-pickle", None),
     (r"tokenizer=\.\.\.", "--tokenizer DIR", None),
+    # the AdapterSession keywords of infer, bench and serve (onnx_peft.runtime.providers)
+    (r"\b(device|strategy)[= ]'([\w-]+)'", r"--\1 \2", _SESSION_COMMANDS),
+    (r"\btf32=True", "--tf32", _SESSION_COMMANDS),
+    (r"\bprovider option\(s\) (.+?) are for (\w+)",
+     r"--provider-option \1 is for \2 (KEY=VALUE without PROVIDER: is for cuda)", _SESSION_COMMANDS),
+    (r"\bprovider option\b", "--provider-option", _SESSION_COMMANDS),
 ]
 _TORCH_PACKAGES = {"torch", "transformers", "onnxscript", "accelerate", "safetensors.torch"}
 

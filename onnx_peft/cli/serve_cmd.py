@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from .args import parse_named_paths
+from .args import add_session_flags, parse_named_paths, session_kwargs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop decoding a row at this token (default: the tokenizer's eos_token, if any)")
     parser.add_argument("--one-adapter-per-run", action="store_true",
                         help="keep the model's slots instead of building a MultiAdapter model at start")
+    add_session_flags(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,5 +45,5 @@ def run(args: argparse.Namespace) -> int:
                          max_new_tokens=args.max_new_tokens)
     print(f"serving {args.deploy_dir} on http://{args.host}:{args.port} (Ctrl-C stops)")
     serve(args.deploy_dir, parse_named_paths(args.adapter), host=args.host, port=args.port, config=config,
-          mix_adapters=not args.one_adapter_per_run, eos_token_id=args.eos_token_id)
+          mix_adapters=not args.one_adapter_per_run, eos_token_id=args.eos_token_id, **session_kwargs(args))
     return 0

@@ -75,7 +75,8 @@ class AdapterLoading:
         initializer that is one too); else ORT's own "Invalid input name" would come at run time."""
         if self.layout is not None or self.packing:
             return
-        fixed = next((n for n in tensors if n not in self._inputs), None)
+        merge = self._merge  # merge strategy: low-rank slots feed the merge graph, heads the main one
+        fixed = next((n for n in tensors if n not in self._inputs and (merge is None or n in merge.heads)), None)
         if fixed is not None:
             raise IncompatibleAdapterError(
                 f"{self.model_path.name}: slot {fixed!r} is a fixed initializer, not an input ONNX Runtime can "
@@ -154,6 +155,8 @@ class AdapterLoading:
                     f"adapter {name!r} is still used by {loaded.in_use} run(s) after {timeout}s; "
                     "try again later or pass a longer timeout")
             adapters = {k: v for k, v in self._adapters.items() if k != name}
+            if self._merge is not None:
+                self._merge.forget(loaded)
             self._banks = self._build_banks(adapters) if self.layout is not None else None
             self._adapters = adapters
 
@@ -206,7 +209,8 @@ class AdapterLoading:
     def _to_device(self, array: np.ndarray) -> Any:
         if self.device == "cpu":
             return self._ort.OrtValue.ortvalue_from_numpy(array)  # shares the numpy buffer
-        return self._ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0)
+        device_id = int(self._plan.options[0].get("device_id", 0))  # the GPU the session runs on
+        return self._ort.OrtValue.ortvalue_from_numpy(array, "cuda", device_id)
 
     def _contract_from_inputs(self) -> Contract:
         """Models without a recorded contract (e.g. Olive's): slots from input names."""

@@ -108,6 +108,11 @@ class AdapterRunning:
                 if len(distinct) > 1:
                     from ..methods.forms import FORMS
 
+                    if self._merge is not None:
+                        raise RuntimeSessionError(
+                            "strategy 'merge' runs one adapter at a time; for a different adapter per row open the "
+                            "session with strategy 'slots' on a MultiAdapter model")
+
                     if any(s.method not in FORMS and s.method != "modules_to_save" for s in self.contract.slots):
                         raise RuntimeSessionError(
                             f"{self.model_path.name} takes one adapter per run and its slots "
@@ -120,6 +125,10 @@ class AdapterRunning:
                 if len(adapter) != batch:
                     raise RuntimeSessionError(f"adapter list has {len(adapter)} entries but the batch has {batch} rows")
                 adapter = next(iter(distinct), None)
+            if self._merge is not None:  # merge on swap: the weights of this adapter (or the base)
+                loaded = by_name[adapter] if adapter is not None else None
+                heads = {k: v for k, v in loaded.values.items() if k in self._merge.heads} if loaded else {}
+                return {**self._merge.weights_for(loaded).values, **heads}
             noop = {k: v for k, v in self._noop.items() if k not in feeds}  # external models: the base
             return {**noop, **by_name[adapter].values} if adapter is not None else noop
         assert banks is not None

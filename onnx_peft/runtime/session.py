@@ -6,23 +6,26 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelFileError, require_onnxruntime
+from ..errors import ModelFileError, RuntimeSessionError, require_onnxruntime
 from ..graph.banks import MULTI_ADAPTER_KEY, MultiLayout
 from ..graph.contract import read_contract
 from ..prompt_feeds import PROMPT_INPUT_NAMES, PromptLayout
 from .generation import AdapterGeneration
 from .loading import AdapterLoading
+from .merging import AdapterMerging
+from .providers import ProviderPlan, check_applied, plan_providers, rejected_option
 from .running import AdapterRunning
-from .state import _Banks, _InputSpec, _Loaded, _numpy_dtype, _select_providers
+from .state import _Banks, _InputSpec, _Loaded, _numpy_dtype
+from .strategy import STRATEGIES
 
 logger = logging.getLogger("onnx_peft.runtime")
 
 
-class AdapterSession(AdapterLoading, AdapterRunning, AdapterGeneration):
+class AdapterSession(AdapterLoading, AdapterRunning, AdapterGeneration, AdapterMerging):
     """ONNX Runtime session over a model with adapter slots (or MultiAdapter banks).
 
     >>> session = AdapterSession("deploy/model.onnx")
@@ -36,7 +39,16 @@ class AdapterSession(AdapterLoading, AdapterRunning, AdapterGeneration):
     """
 
     def __init__(self, model_path: str | os.PathLike, providers: Sequence[Any] | None = None,
-                 session_options: Any = None):
+                 session_options: Any = None, *, device: str | None = None,
+                 provider_options: Mapping[str, Mapping[str, Any]] | None = None, tf32: bool = False,
+                 strategy: str = "auto"):
+        """``device``: "auto" (CUDA when onnxruntime-gpu has it, else CPU), "cuda" or "cpu";
+        ``providers`` (ORT's list form) overrides it. fp32 runs on CUDA without TF32 (exact, as on
+        CPU) unless ``tf32=True``; ``provider_options`` (``{"cuda": {"device_id": "1"}}``) are
+        merged over that and checked: an option the provider rejects raises RuntimeSessionError.
+        ``strategy`` (chosen once, here; see :mod:`onnx_peft.runtime.strategy`): "slots" feeds
+        adapters per run (per row on MultiAdapter models), "merge" folds the active adapter into
+        device-resident weights on swap so every run costs the base, "auto" = "slots"."""
         ort = require_onnxruntime()
         self._ort = ort
         self.model_path = Path(model_path)
@@ -45,20 +57,17 @@ class AdapterSession(AdapterLoading, AdapterRunning, AdapterGeneration):
         from ..graph.io import check_external_data
 
         check_external_data(self.model_path)  # ORT itself accepts hard links to files elsewhere
+        if strategy not in STRATEGIES:
+            raise RuntimeSessionError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
         if session_options is None:
             session_options = ort.SessionOptions()
             session_options.log_severity_level = 3  # slot inputs with defaults warn on every load
-        wanted = _select_providers(ort, providers)
-        try:
-            self._session = ort.InferenceSession(str(self.model_path), sess_options=session_options,
-                                                 providers=wanted)
-        except Exception as exc:
-            if wanted[0] == "CUDAExecutionProvider" and providers is None:
-                logger.warning("CUDA session failed (%s); falling back to CPU", exc)
-                self._session = ort.InferenceSession(str(self.model_path), sess_options=session_options,
-                                                     providers=["CPUExecutionProvider"])
-            else:
-                raise ModelFileError(f"{self.model_path}: ONNX Runtime cannot load it ({exc})") from exc
+        self._session_options = session_options
+        self._plan = plan_providers(ort, providers, device, provider_options, tf32)
+        self.strategy = "slots" if strategy == "auto" else strategy
+        graphs = self._merge_graphs() if self.strategy == "merge" else None
+        self._session = self._create_session(self.model_path if graphs is None else self._in_memory(graphs.main),
+                                             self._plan)
         self.provider = self._session.get_providers()[0]
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         logger.debug("AdapterSession: %s on %s", self.model_path.name, self.provider)
@@ -70,7 +79,8 @@ class AdapterSession(AdapterLoading, AdapterRunning, AdapterGeneration):
                                                  tuple(meta.shape or ()), required)
         self.output_names = [o.name for o in self._session.get_outputs()]
         metadata = dict(self._session.get_modelmeta().custom_metadata_map)
-        self.contract = read_contract(metadata) or self._contract_from_inputs()
+        self.contract = graphs.contract if graphs is not None else (
+            read_contract(metadata) or self._contract_from_inputs())
         self.layout = MultiLayout.from_json(metadata[MULTI_ADAPTER_KEY]) if MULTI_ADAPTER_KEY in metadata else None
         self._slot_names = {s.name for s in self.contract.slots}
         self._managed = set() if self.layout is None else {b.bank for b in self.layout.banks}
@@ -87,6 +97,7 @@ class AdapterSession(AdapterLoading, AdapterRunning, AdapterGeneration):
             self._managed |= {n for n in self._inputs if n in PROMPT_INPUT_NAMES or n.startswith("prefix.")}
         self._base_rows = self._read_base_rows()
         self._noop_arrays, self._noop = self._external_defaults()  # arrays kept: CPU values share them
+        self._merge = None if graphs is None else self._start_merge(graphs)
 
         self._lock = threading.Condition()
         self._adapters: dict[str, _Loaded] = {}
@@ -108,3 +119,31 @@ class AdapterSession(AdapterLoading, AdapterRunning, AdapterGeneration):
     @property
     def is_multi_adapter(self) -> bool:
         return self.layout is not None
+
+    # -- construction --------------------------------------------------------------------------
+    def _create_session(self, model: Path | bytes, plan: ProviderPlan) -> Any:
+        """An InferenceSession on ``plan``'s providers. Automatic CUDA that cannot start falls back
+        to the CPU with a warning; CUDA the user asked for, or a rejected option, is an error."""
+        ort = self._ort
+        label = self.model_path.name
+        source = str(model) if isinstance(model, Path) else model
+        try:
+            session = ort.InferenceSession(source, sess_options=self._session_options, providers=plan.names,
+                                           provider_options=plan.options)
+        except Exception as exc:
+            named = rejected_option(exc, plan)
+            if named is not None:
+                raise RuntimeSessionError(f"{label}: {named}") from exc
+            if plan.device != "cuda" or plan.explicit:
+                raise ModelFileError(f"{self.model_path}: ONNX Runtime cannot load it ({exc})") from exc
+            logger.warning("CUDA session failed (%s); falling back to CPU", exc)
+            self._plan = plan = ProviderPlan(["CPUExecutionProvider"], [{}])
+            session = ort.InferenceSession(source, sess_options=self._session_options, providers=plan.names)
+        started = session.get_providers()[0]
+        if started != plan.names[0]:
+            if plan.explicit:
+                raise RuntimeSessionError(f"{label}: {plan.names[0]} could not start (ONNX Runtime fell back to "
+                                          f"{started}; its log says why); check the CUDA/cuDNN install or use device 'cpu'")
+            logger.warning("%s could not start; running on %s", plan.names[0], started)
+        check_applied(session, plan)
+        return session

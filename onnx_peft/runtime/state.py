@@ -1,8 +1,8 @@
-"""The runtime's small types: input specs, a loaded adapter, a banks snapshot, providers."""
+"""The runtime's small types: input specs, a loaded adapter, a banks snapshot."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,11 +59,3 @@ class _Banks:
     ids: Mapping[str, int]
     values: Mapping[str, Any]
     size: int
-
-
-def _select_providers(ort: Any, providers: Sequence[Any] | None) -> list[Any]:
-    if providers is not None:
-        return list(providers)
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]

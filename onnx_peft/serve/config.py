@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import MissingDependencyError
 
@@ -38,13 +39,16 @@ def require_server():
 
 def serve(deploy_dir: str | os.PathLike, adapters: Mapping[str, str] | None = None, host: str = "127.0.0.1",
           port: int = 8000, config: ServeConfig | None = None, mix_adapters: bool = True,
-          eos_token_id: int | None = None) -> None:
-    """Open ``deploy_dir`` and answer HTTP on ``host:port`` until interrupted."""
+          eos_token_id: int | None = None, **session: Any) -> None:
+    """Open ``deploy_dir`` and answer HTTP on ``host:port`` until interrupted. ``session``:
+    :func:`~onnx_peft.serve.deploy.open_deployment`'s AdapterSession keywords (``device``,
+    ``provider_options``, ``tf32``, ``strategy``, ``providers``, ``session_options``)."""
     _, uvicorn = require_server()
     from .app import create_app
     from .deploy import open_deployment
 
-    deployment = open_deployment(deploy_dir, adapters, mix_adapters=mix_adapters, eos_token_id=eos_token_id)
+    deployment = open_deployment(deploy_dir, adapters, mix_adapters=mix_adapters, eos_token_id=eos_token_id,
+                                 **session)
     try:
         uvicorn.run(create_app(deployment, config), host=host, port=port, log_level="warning")
     finally:

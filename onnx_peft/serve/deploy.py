@@ -83,27 +83,35 @@ def folder_adapters(folder: Path) -> dict[str, str]:
 
 def open_deployment(folder: str | os.PathLike, adapters: Mapping[str, str] | None = None,
                     mix_adapters: bool = True, providers: Sequence[Any] | None = None,
-                    eos_token_id: int | None = None, session_options: Any = None, preload: bool = True) -> Deployment:
+                    eos_token_id: int | None = None, session_options: Any = None, preload: bool = True, *,
+                    device: str | None = None, provider_options: Mapping[str, Mapping[str, Any]] | None = None,
+                    tf32: bool = False, strategy: str = "auto") -> Deployment:
     """Open ``folder`` (``model.onnx`` + ``adapters/``) and load every adapter in it and in ``adapters``.
 
     ``mix_adapters``: turn a slot model into a MultiAdapter model (temporary folder) so one
-    run can serve rows of different adapters; False keeps one adapter per run. ``preload=False``
-    only records the adapters' paths (a Ray replica loads them on demand)."""
+    run can serve rows of different adapters; False keeps one adapter per run, and so does
+    ``strategy="merge"`` (one adapter merged into the weights at a time). ``preload=False``
+    only records the adapters' paths (a Ray replica loads them on demand). ``providers``,
+    ``session_options``, ``device``, ``provider_options``, ``tf32`` and ``strategy`` go to
+    :class:`~onnx_peft.runtime.AdapterSession` as they are."""
     folder = Path(folder)
     model = folder / "model.onnx"
     if not model.is_file():
         raise ModelFileError(f"{folder}: no model.onnx; serve a folder written by onnx-peft export "
                              "(or onnx-peft multi-adapter)")
-    session = AdapterSession(model, providers=providers, session_options=session_options)
+    session_args = {"providers": providers, "session_options": session_options, "device": device,
+                    "provider_options": provider_options, "tf32": tf32, "strategy": strategy}
+    session = AdapterSession(model, **session_args)
     task = task_of(folder, session)
     tmp = None
-    if mix_adapters and not session.is_multi_adapter and session.contract.slots and session.prompt_layout is None:
+    mix = mix_adapters and strategy != "merge"
+    if mix and not session.is_multi_adapter and session.contract.slots and session.prompt_layout is None:
         from ..passes.multi_adapter import multi_adapter
 
         tmp = tempfile.TemporaryDirectory(prefix="onnx-peft-serve-")
         try:
             multi = multi_adapter(model, Path(tmp.name) / "multi")
-            session = AdapterSession(multi, providers=providers, session_options=session_options)
+            session = AdapterSession(multi, **session_args)
         except OnnxPeftError as exc:
             logger.warning("serving %s with one adapter per run (%s)", model, exc)
             tmp.cleanup()
