@@ -333,3 +333,18 @@ def test_contract_json_stays_readable_both_ways():
     old = '{"version": 1, "fingerprint": "f", "slots": [{"name": "q.lora_A.weight", "dtype": "float32", ' \
           '"shape": [4, "lora_r.q"], "module": "q", "method": "lora", "future_field": 1}]}'
     assert Contract.from_json(old).slots == lora.slots
+
+
+def test_merge_strategy_swaps_lora_and_heads_and_no_adapter_is_the_base(served, ort_device):
+    """strategy="merge": LoRA folded into the weights on swap, the head fed as the slot is."""
+    path, dirs, models = served
+    session = AdapterSession(path, device=ort_device, strategy="merge")
+    for name in models:
+        session.load_adapter(name, dirs[name])
+    feeds = _feeds(seed=3)
+    for _ in range(2):
+        for name, model in models.items():
+            (got,) = session.run(["logits"], feeds, adapter=name)
+            assert np.abs(got - _torch_logits(model, feeds)).max() <= ATOL, name
+        (base,) = session.run(["logits"], feeds)
+        assert np.abs(base - _torch_logits(_base(), feeds)).max() <= ATOL

@@ -209,8 +209,7 @@ class AdapterLoading:
     def _to_device(self, array: np.ndarray) -> Any:
         if self.device == "cpu":
             return self._ort.OrtValue.ortvalue_from_numpy(array)  # shares the numpy buffer
-        device_id = int(self._plan.options[0].get("device_id", 0))  # the GPU the session runs on
-        return self._ort.OrtValue.ortvalue_from_numpy(array, "cuda", device_id)
+        return self._ort.OrtValue.ortvalue_from_numpy(array, "cuda", self._device_id)  # the session's GPU
 
     def _contract_from_inputs(self) -> Contract:
         """Models without a recorded contract (e.g. Olive's): slots from input names."""

@@ -174,9 +174,9 @@ def _add_merge(merge: ir.Graph, site: LinearSite, slots: list[Slot], target: Mer
     g = _MergeBuilder(merge, site, weight_in, weight_in, None)
     to_float = int(ir.DataType.FLOAT)
     values: dict[str, dict[str, ir.Value]] = {}
-    for slot in slots:
+    for slot in slots:  # symbolic dims made per module: older contracts share "lora_r" across modules
         value = ir.Value(name=slot.name, type=ir.TensorType(ir.DataType.from_numpy(np.dtype(slot.dtype))),
-                         shape=ir.Shape(list(slot.shape)))
+                         shape=ir.Shape([d if isinstance(d, int) else f"{d}@{slot.module}" for d in slot.shape]))
         from ..graph.packing import slot_default
 
         value.const_value = ir.tensor(slot_default(slot), name=slot.name)  # the no-op when not fed

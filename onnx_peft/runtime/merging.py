@@ -37,7 +37,7 @@ class WeightSet:
 class MergeOnSwap:
     """Weight sets of a merge-strategy session, and the merge session that builds them."""
 
-    def __init__(self, graphs: MergeGraphs, to_device: Any, merge_session: Any, device: str,
+    def __init__(self, graphs: MergeGraphs, to_device: Any, merge_session: Any, device: tuple[str, int],
                  slot_modules: Mapping[str, str]) -> None:
         self.targets = graphs.targets
         self._slot_modules = slot_modules  # slot name -> its module
@@ -94,10 +94,10 @@ class MergeOnSwap:
         outputs = []
         for target in self.targets:
             outputs.append(target.weight_input)
-            binding.bind_output(target.weight_output, self._device)
+            binding.bind_output(target.weight_output, *self._device)
             if target.bias_output is not None:
                 outputs.append(target.bias_input)
-                binding.bind_output(target.bias_output, self._device)
+                binding.bind_output(target.bias_output, *self._device)
         try:
             self._session.run_with_iobinding(binding)
         except Exception as exc:
@@ -135,7 +135,7 @@ class AdapterMerging:
                    for n, o in zip(self._plan.names, self._plan.options)]
         merge_session = self._create_session(self._in_memory(graphs.merge), ProviderPlan(
             list(self._plan.names), options, self._plan.explicit))
-        merge = MergeOnSwap(graphs, self._to_device, merge_session, self.device,
+        merge = MergeOnSwap(graphs, self._to_device, merge_session, (self.device, self._device_id),
                             {s.name: s.module for s in graphs.contract.slots})
         self._managed |= merge.inputs
         return merge

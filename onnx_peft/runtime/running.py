@@ -169,6 +169,9 @@ class AdapterRunning:
         clash = sorted(set(feeds) & self._slot_names)
         if clash and names:
             raise RuntimeSessionError(f"feed {clash[0]!r} is an adapter slot; pass either the slot feeds or adapter=, not both")
+        if (self._base is not None and not names and prompt_feeds is None and task_ids is None
+                and not set(feeds) & self._slot_names):  # no adapter: the twin's base kernels
+            return self._execute(self._base, output_names, feeds, {}, run_options, keep_on_device)
         with self._using(names) if held is None else nullcontext(held) as (taken, banks):
             if prompt_feeds is not None:  # generate() lays out prompt inputs itself
                 extra = dict(prompt_feeds)
@@ -178,14 +181,18 @@ class AdapterRunning:
                 if task_ids is not None:
                     raise RuntimeSessionError("task_ids applies to multitask prompt adapters; this run uses none")
                 extra = self._adapter_feeds(adapter, feeds, taken, banks)
-            try:
-                if self.device == "cpu":
-                    return self._session.run(output_names, {**feeds, **extra}, run_options)
-                return self._run_bound(output_names, feeds, extra, run_options, keep_on_device)
-            except OnnxPeftError:
-                raise
-            except Exception as exc:
-                raise RuntimeSessionError(f"ONNX Runtime failed on {self.model_path.name}: {exc}") from exc
+            return self._execute(self._session, output_names, feeds, extra, run_options, keep_on_device)
+
+    def _execute(self, session: Any, output_names: list[str], feeds: Mapping[str, Any], extra: Mapping[str, Any],
+                 run_options: Any, keep_on_device: Sequence[str]) -> list[Any]:
+        try:
+            if self.device == "cpu":
+                return session.run(output_names, {**feeds, **extra}, run_options)
+            return self._run_bound(session, output_names, feeds, extra, run_options, keep_on_device)
+        except OnnxPeftError:
+            raise
+        except Exception as exc:
+            raise RuntimeSessionError(f"ONNX Runtime failed on {self.model_path.name}: {exc}") from exc
 
     def _prompt_rows(self, adapter: Any, batch: int, taken: list[_Loaded]) -> list[PromptAdapter | None]:
         """One prompt adapter (or None) per row; refuses runs that mix them with weight adapters."""
@@ -249,10 +256,10 @@ class AdapterRunning:
             raise RuntimeSessionError(f"adapter must be a name, None or a list of them; got {bad[0]!r}")
         return names
 
-    def _run_bound(self, output_names: list[str], feeds: Mapping[str, Any], extra: Mapping[str, Any],
+    def _run_bound(self, session: Any, output_names: list[str], feeds: Mapping[str, Any], extra: Mapping[str, Any],
                    run_options: Any, keep_on_device: Sequence[str]) -> list[Any]:
         """CUDA: IO binding; adapter OrtValues and banks are already on the device."""
-        binding = self._session.io_binding()
+        binding = session.io_binding()
         for name, value in feeds.items():
             if isinstance(value, self._ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
@@ -264,8 +271,11 @@ class AdapterRunning:
             else:
                 binding.bind_cpu_input(name, value)
         for name in output_names:
-            binding.bind_output(name, "cuda" if name in keep_on_device else "cpu")
-        self._session.run_with_iobinding(binding, run_options)
+            if name in keep_on_device:
+                binding.bind_output(name, "cuda", self._device_id)
+            else:
+                binding.bind_output(name, "cpu")
+        session.run_with_iobinding(binding, run_options)
         outputs = binding.get_outputs()
         return [value if name in keep_on_device else value.numpy()
                 for name, value in zip(output_names, outputs)]

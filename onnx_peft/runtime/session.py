@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import ModelFileError, RuntimeSessionError, require_onnxruntime
 from ..graph.banks import MULTI_ADAPTER_KEY, MultiLayout
 from ..graph.contract import read_contract
@@ -41,14 +43,16 @@ class AdapterSession(AdapterLoading, AdapterRunning, AdapterGeneration, AdapterM
     def __init__(self, model_path: str | os.PathLike, providers: Sequence[Any] | None = None,
                  session_options: Any = None, *, device: str | None = None,
                  provider_options: Mapping[str, Mapping[str, Any]] | None = None, tf32: bool = False,
-                 strategy: str = "auto"):
+                 strategy: str = "auto", base_session: bool | None = None):
         """``device``: "auto" (CUDA when onnxruntime-gpu has it, else CPU), "cuda" or "cpu";
         ``providers`` (ORT's list form) overrides it. fp32 runs on CUDA without TF32 (exact, as on
         CPU) unless ``tf32=True``; ``provider_options`` (``{"cuda": {"device_id": "1"}}``) are
         merged over that and checked: an option the provider rejects raises RuntimeSessionError.
         ``strategy`` (chosen once, here; see :mod:`onnx_peft.runtime.strategy`): "slots" feeds
         adapters per run (per row on MultiAdapter models), "merge" folds the active adapter into
-        device-resident weights on swap so every run costs the base, "auto" = "slots"."""
+        device-resident weights on swap so every run costs the base, "auto" = "slots".
+        ``base_session`` (strategy "slots"): runs without an adapter go to a twin session over the
+        base graph sharing every weight (runtime/base_twin.py); None = on with CUDA, off on CPU."""
         ort = require_onnxruntime()
         self._ort = ort
         self.model_path = Path(model_path)
@@ -66,6 +70,9 @@ class AdapterSession(AdapterLoading, AdapterRunning, AdapterGeneration, AdapterM
         self._plan = plan_providers(ort, providers, device, provider_options, tf32)
         self.strategy = "slots" if strategy == "auto" else strategy
         graphs = self._merge_graphs() if self.strategy == "merge" else None
+        self.device = self._plan.device
+        self._device_id = int(self._plan.options[0].get("device_id", 0)) if self.device == "cuda" else 0
+        twin = self._share_base_weights(base_session) if graphs is None else None
         self._session = self._create_session(self.model_path if graphs is None else self._in_memory(graphs.main),
                                              self._plan)
         self.provider = self._session.get_providers()[0]
@@ -98,6 +105,7 @@ class AdapterSession(AdapterLoading, AdapterRunning, AdapterGeneration, AdapterM
         self._base_rows = self._read_base_rows()
         self._noop_arrays, self._noop = self._external_defaults()  # arrays kept: CPU values share them
         self._merge = None if graphs is None else self._start_merge(graphs)
+        self._base = None if twin is None else self._create_session(self._in_memory(twin.model), self._plan)
 
         self._lock = threading.Condition()
         self._adapters: dict[str, _Loaded] = {}
@@ -147,3 +155,22 @@ class AdapterSession(AdapterLoading, AdapterRunning, AdapterGeneration, AdapterM
             logger.warning("%s could not start; running on %s", plan.names[0], started)
         check_applied(session, plan)
         return session
+
+    def _share_base_weights(self, wanted: bool | None) -> Any:
+        """Strategy "slots": the base twin (runtime/base_twin.py) when wanted, its weights handed
+        to ONNX Runtime as shared OrtValues for both sessions; None when not built."""
+        if wanted is None:
+            wanted = self._plan.device == "cuda"
+        if not wanted:
+            return None
+        from .base_twin import base_twin
+
+        twin = base_twin(self.model_path)
+        if twin is None:
+            return None
+        self._shared = {}  # the sessions use these buffers in place: they live as long as self
+        for name, array in twin.weights.items():
+            value = self._to_device(np.ascontiguousarray(array))
+            self._shared[name] = (array, value)
+            self._session_options.add_initializer(name, value)
+        return twin
