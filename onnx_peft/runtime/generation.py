@@ -8,12 +8,27 @@ from typing import Any
 import numpy as np
 
 from ..errors import RuntimeSessionError
+from .state import _numpy_dtype
 
 
 class AdapterGeneration:
     """The decode loop of :class:`~onnx_peft.runtime.AdapterSession`."""
 
     # -- generation ----------------------------------------------------------------------------
+    def _picker(self) -> Any:
+        """The next-token picker for this model's logits dtype (runtime/picking.py), cached."""
+        from .picking import Picker, picker_model
+
+        meta = next(o for o in self._session.get_outputs() if o.name == "logits")
+        dtype = _numpy_dtype(meta.type) or np.dtype(np.float32)
+        picker = self._pickers.get(dtype.name)
+        if picker is None:
+            options = self._ort.SessionOptions()
+            options.log_severity_level = 3
+            picker = Picker(self._create_session(picker_model(dtype), self._plan, options))
+            self._pickers[dtype.name] = picker
+        return picker
+
     def _decoder_io(self) -> tuple[list[str], list[str], list[str]]:
         """(past inputs, present outputs, missing) of a causal-lm-with-past model."""
         past = [n for n in self._inputs if n.startswith("past_key_values.")]
@@ -66,6 +81,7 @@ class AdapterGeneration:
         tokens, current = ids, ids
         finished = np.zeros(batch, dtype=bool)
         outputs = ["logits", *present_names]
+        picker = self._picker()
         with self._using(self._names_of(adapter)) as held:
             start = self._generation_start(adapter, batch, held[0], task_ids, ids.shape[1] + int(max_new_tokens))
             if start is not None:
@@ -84,9 +100,10 @@ class AdapterGeneration:
                     feeds["position_ids"] = positions[:, -current.shape[1]:]
                 prompt = None if start is None else (start.feeds if step == 0 else {})
                 logits, *presents = self._run(outputs, feeds, adapter if start is None else None,
-                                              keep_on_device=present_names, held=held, prompt_feeds=prompt)
-                last = np.asarray(logits[:, -1, :], dtype=np.float32)
-                chosen = _sample(last, rng, temperature, top_k, top_p) if do_sample else last.argmax(-1)
+                                              keep_on_device=[*present_names, "logits"], held=held,
+                                              prompt_feeds=prompt)
+                picked = picker.pick(logits, greedy=not do_sample)  # on the device: ids (or last logits) cross
+                chosen = _sample(picked, rng, temperature, top_k, top_p) if do_sample else picked
                 chosen = np.where(finished, pad, chosen).astype(np.int64)
                 tokens = np.concatenate([tokens, chosen[:, None]], axis=1)
                 finished |= np.isin(chosen, eos)

@@ -106,6 +106,7 @@ class AdapterSession(AdapterLoading, AdapterRunning, AdapterGeneration, AdapterM
         self._noop_arrays, self._noop = self._external_defaults()  # arrays kept: CPU values share them
         self._merge = None if graphs is None else self._start_merge(graphs)
         self._base = None if twin is None else self._create_session(self._in_memory(twin.model), self._plan)
+        self._pickers: dict[str, Any] = {}  # logits dtype -> Picker (runtime/picking.py), made on first use
 
         self._lock = threading.Condition()
         self._adapters: dict[str, _Loaded] = {}
@@ -129,14 +130,15 @@ class AdapterSession(AdapterLoading, AdapterRunning, AdapterGeneration, AdapterM
         return self.layout is not None
 
     # -- construction --------------------------------------------------------------------------
-    def _create_session(self, model: Path | bytes, plan: ProviderPlan) -> Any:
+    def _create_session(self, model: Path | bytes, plan: ProviderPlan, options: Any = None) -> Any:
         """An InferenceSession on ``plan``'s providers. Automatic CUDA that cannot start falls back
         to the CPU with a warning; CUDA the user asked for, or a rejected option, is an error."""
         ort = self._ort
+        options = self._session_options if options is None else options
         label = self.model_path.name
         source = str(model) if isinstance(model, Path) else model
         try:
-            session = ort.InferenceSession(source, sess_options=self._session_options, providers=plan.names,
+            session = ort.InferenceSession(source, sess_options=options, providers=plan.names,
                                            provider_options=plan.options)
         except Exception as exc:
             named = rejected_option(exc, plan)
@@ -146,7 +148,7 @@ class AdapterSession(AdapterLoading, AdapterRunning, AdapterGeneration, AdapterM
                 raise ModelFileError(f"{self.model_path}: ONNX Runtime cannot load it ({exc})") from exc
             logger.warning("CUDA session failed (%s); falling back to CPU", exc)
             self._plan = plan = ProviderPlan(["CPUExecutionProvider"], [{}])
-            session = ort.InferenceSession(source, sess_options=self._session_options, providers=plan.names)
+            session = ort.InferenceSession(source, sess_options=options, providers=plan.names)
         started = session.get_providers()[0]
         if started != plan.names[0]:
             if plan.explicit:
