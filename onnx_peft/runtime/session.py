@@ -52,7 +52,9 @@ class AdapterSession(AdapterLoading, AdapterRunning, AdapterGeneration, AdapterM
         adapters per run (per row on MultiAdapter models), "merge" folds the active adapter into
         device-resident weights on swap so every run costs the base, "auto" = "slots".
         ``base_session`` (strategy "slots"): runs without an adapter go to a twin session over the
-        base graph sharing every weight (runtime/base_twin.py); None = on with CUDA, off on CPU."""
+        base graph sharing every weight (runtime/base_twin.py); None = on with CUDA, off on CPU.
+        ``session_options`` serve every session this opens; they receive the shared weights
+        (``add_initializer``) and, for graphs built in memory, the model folder for external data."""
         ort = require_onnxruntime()
         self._ort = ort
         self.model_path = Path(model_path)
@@ -170,9 +172,12 @@ class AdapterSession(AdapterLoading, AdapterRunning, AdapterGeneration, AdapterM
         twin = base_twin(self.model_path)
         if twin is None:
             return None
-        self._shared = {}  # the sessions use these buffers in place: they live as long as self
-        for name, array in twin.weights.items():
-            value = self._to_device(np.ascontiguousarray(array))
-            self._shared[name] = (array, value)
+        try:
+            values = {name: (array, self._to_device(np.ascontiguousarray(array))) for name, array in twin.weights.items()}
+        except Exception as exc:  # the device cannot take them: the slot session alone still works
+            logger.warning("no base session (%s); runs without an adapter use the slot graph", exc)
+            return None
+        self._shared = values  # the sessions use these buffers in place: they live as long as self
+        for name, (_, value) in values.items():
             self._session_options.add_initializer(name, value)
         return twin
