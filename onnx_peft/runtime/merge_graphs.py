@@ -151,7 +151,12 @@ def _retarget(graph: ir.Graph, site: LinearSite, slots: list[Slot]) -> MergeTarg
 
 
 class _MergeBuilder(BranchBuilder):
-    """A BranchBuilder over the merge graph: ``x``/``y`` are matrices, the dtype float32."""
+    """A BranchBuilder over the merge graph: ``x``/``y`` are matrices, the dtype float32.
+
+    Products with the identity are skipped, so a swap costs the adapter's own math: ``I A`` is
+    ``A`` (LoRA: ``r in out`` flops, not ``in^2 r``), ``I[:, :d] D`` is ``D`` padded with zero
+    rows (LoHa/LoKr/FourierFT). Stage-0 forms (IA3 on inputs, OFT/BOFT rotations) still build
+    ``M = forms(I)`` and ``M W``: a swap of those costs about a prefill of ``in`` tokens."""
 
     def __init__(self, graph: ir.Graph, site: LinearSite, x: ir.Value, y: ir.Value, bias: ir.Value | None):
         self.graph, self.site, self.batched = graph, site, False
@@ -159,10 +164,40 @@ class _MergeBuilder(BranchBuilder):
         self.nodes: list[ir.Node] = []
         self.x, self.y, self.bias = x, y, bias
         self.replaced = []
+        self.identity: ir.Value | None = None
+        self._columns: dict[int, ir.Value] = {}  # id(I[:, :d]) -> d as a [1] tensor
 
     @property
     def dtype(self) -> ir.DataType:
         return ir.DataType.FLOAT
+
+    def op(self, op_type, inputs, suffix, domain="", **attributes):
+        first = inputs[0] if inputs else None
+        if op_type == "MatMul" and first is not None and first is self.identity:
+            return inputs[1]
+        if op_type == "MatMul" and first is not None and id(first) in self._columns:
+            rows = self._columns[id(first)]
+            missing = super().op("Sub", [self.const([self.site.in_features]), rows], suffix + "_missing")
+            pads = super().op("Concat", [self.const([0, 0]), missing, self.const([0])], suffix + "_pads", axis=0)
+            return super().op("Pad", [inputs[1], pads], suffix)
+        out = super().op(op_type, inputs, suffix, domain, **attributes)
+        if op_type == "Slice" and first is self.identity and len(inputs) >= 4:
+            self._columns[id(out)] = inputs[2]  # Slice(I, [0], d, [-1]) = I[:, :d]
+        return out
+
+    def prune(self) -> None:
+        """Drop the nodes nothing uses (the identity when every product with it was skipped)."""
+        alive = list(self.nodes)
+        changed = True
+        while changed:
+            changed = False
+            for node in list(alive):
+                if not any(out.uses() or out.is_graph_output() for out in node.outputs):
+                    for i in range(len(node.inputs)):
+                        node.replace_input_with(i, None)
+                    alive.remove(node)
+                    changed = True
+        self.nodes = alive
 
 
 def _add_merge(merge: ir.Graph, site: LinearSite, slots: list[Slot], target: MergeTarget) -> None:
@@ -191,8 +226,8 @@ def _add_merge(merge: ir.Graph, site: LinearSite, slots: list[Slot], target: Mer
         w = g.op("Transpose", [w], "merge_w_in_out", perm=[1, 0])
     ordered = sorted(values, key=lambda name: FORMS[name].stage)
     size = g.const([site.in_features, site.in_features])
-    g.x = g.op("EyeLike", [g.op("ConstantOfShape", [size], "merge_zeros", value=ir.tensor(np.zeros(1, np.float32)))],
-               "merge_identity")
+    g.x = g.identity = g.op("EyeLike", [g.op("ConstantOfShape", [size], "merge_zeros",
+                                             value=ir.tensor(np.zeros(1, np.float32)))], "merge_identity")
     g.y = w
     pre = [name for name in ordered if FORMS[name].stage == 0]
     for name in pre:
@@ -223,6 +258,7 @@ def _add_merge(merge: ir.Graph, site: LinearSite, slots: list[Slot], target: Mer
         out_b = g.op("Cast", [merged_b], "merge_b_cast", to=int(ir.DataType.from_numpy(target.base_bias.dtype)))
         out_b.name = target.bias_output
         merge.outputs.append(out_b)
+    g.prune()
     merge.extend(g.nodes)
 
 
