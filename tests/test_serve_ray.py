@@ -59,7 +59,8 @@ def served(deploy, cluster):
     """The app on 2 replicas x 2 adapters; (url, expected tokens by adapter, prompts)."""
     from onnx_peft.serve.ray import build_app
 
-    serve.run(build_app(deploy, num_replicas=2, adapters_per_replica=2, replica_options={"num_cpus": 0.5}),
+    serve.run(build_app(deploy, num_replicas=2, adapters_per_replica=2, replica_options={"num_cpus": 0.5},
+                        session={"device": "cpu"}),
               name="adapters", route_prefix="/")
     reference = AdapterSession(deploy / "model.onnx")
     rng = np.random.default_rng(0)

@@ -68,8 +68,8 @@ class AdapterReplica:
     """One AdapterSession, adapters loaded on demand (multiplexed), at most ``adapters_per_replica``."""
 
     def __init__(self, deploy_dir: str, adapters_per_replica: int = 4, config: dict | None = None,
-                 adapters: dict[str, str] | None = None):
-        deployment = open_deployment(deploy_dir, adapters, preload=False)
+                 adapters: dict[str, str] | None = None, session: dict | None = None):
+        deployment = open_deployment(deploy_dir, adapters, preload=False, **(session or {}))
         self.paths = dict(deployment.adapter_paths)
         self.service = Service(deployment, ServeConfig(**(config or {})))
         self.loads: list[str] = []
@@ -221,13 +221,16 @@ class Ingress:
 
 def build_app(deploy_dir: str | os.PathLike, num_replicas: int | str = 2, adapters_per_replica: int = 4,
               config: ServeConfig | None = None, adapters: dict[str, str] | None = None,
-              replica_options: dict | None = None, autoscaling_config: dict | None = None):
+              replica_options: dict | None = None, autoscaling_config: dict | None = None,
+              session: dict | None = None):
     """The Ray Serve application: ``serve.run(build_app("deploy/"), route_prefix="/")``.
 
     ``num_replicas``: AdapterReplica count (or ``autoscaling_config`` instead);
-    ``replica_options``: Ray actor options of each replica (e.g. ``{"num_cpus": 1}``)."""
+    ``replica_options``: Ray actor options of each replica (e.g. ``{"num_cpus": 1, "num_gpus": 1}``);
+    ``session``: each replica's AdapterSession keywords (``device``, ``provider_options``, ``tf32``,
+    ``strategy``), e.g. ``{"device": "cuda", "strategy": "merge"}``."""
     config = config or ServeConfig()
     scaling = {"autoscaling_config": autoscaling_config} if autoscaling_config else {"num_replicas": num_replicas}
     replica = AdapterReplica.options(ray_actor_options=replica_options or {"num_cpus": 1}, **scaling).bind(
-        str(deploy_dir), adapters_per_replica, vars(config), adapters)
+        str(deploy_dir), adapters_per_replica, vars(config), adapters, session)
     return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(replica, str(deploy_dir), adapters)
