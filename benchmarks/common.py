@@ -95,3 +95,46 @@ def write_section(section: str, text: str, path: Path) -> None:
     block = text.rstrip("\n") + "\n\n"
     new = pattern.sub(lambda _: block, old, count=1) if pattern.search(old) else old.rstrip("\n") + "\n\n" + block
     path.write_text(new.rstrip("\n") + "\n")
+
+
+def cuda_available() -> bool:
+    """Whether this onnxruntime build has the CUDA provider (onnxruntime-gpu)."""
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def device_session(path: Path, device: str, *, strategy: str = "slots", profile_prefix: str | None = None):
+    """An ``AdapterSession`` on ``device`` ("cpu" or "cuda"; fp32 on CUDA without TF32, the
+    session's default), default threads, ``strategy`` as AdapterSession takes it."""
+    import onnxruntime as ort
+
+    from onnx_peft.runtime import AdapterSession
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return AdapterSession(path, session_options=options, device=device, strategy=strategy)
+
+
+def gpu_name() -> str:
+    """The GPU's name: nvidia-smi, else torch.cuda, else "unknown"."""
+    import subprocess
+
+    try:
+        found = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+        if found:
+            return found.splitlines()[0].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return "unknown"
