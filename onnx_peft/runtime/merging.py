@@ -10,8 +10,12 @@ their weights from inputs. The session binds one :class:`WeightSet` per run:
 
 Sets are immutable and each run holds the set it started with, so a run in flight finishes on
 its own weights while a swap builds the next; the previous set is freed when its last run ends.
-Swapping back to the base binds the original tensors: exact, no arithmetic. Memory: the adapted
-weights twice (base + active set), plus sets still held by runs in flight.
+Swapping back to the base binds the original tensors: no arithmetic. Memory: the adapted weights
+twice (base + active set), plus sets still held by runs in flight.
+
+Cost: on CUDA the runs launch the base's kernels on the same weights. On CPU, ONNX Runtime
+pre-packs only constant MatMul weights, and these are inputs: runs cost 1.07x the base at prefill
+and more per decode step (BENCHMARKS.md), so "auto" stays "slots" there.
 """
 
 from __future__ import annotations
