@@ -29,6 +29,23 @@ class Toggle:
         return self.names[self.n % 2]
 
 
+def ort_lora_adapter(model, adapter_file, device: str):
+    """ONNX Runtime's own multi-LoRA API on the same slot model: a plain InferenceSession (same
+    provider, TF32 off) and RunOptions with the ``.onnx_adapter`` file active."""
+    import onnxruntime as ort
+
+    providers = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"] if device == "cuda" \
+        else ["CPUExecutionProvider"]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(model), options, providers=providers)
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(adapter_file))
+    run_options = ort.RunOptions()
+    run_options.add_active_adapter(adapter)
+    return session, run_options, adapter  # the caller keeps the adapter alive with the options
+
+
 def question_single(paths, args, vocab: int) -> tuple[dict, dict]:
     """batch 1, seq 128: base, slots (off / one / switching), strategy merge (off / one / swap /
     switching), merged export, new session per switch."""
@@ -55,6 +72,8 @@ def question_single(paths, args, vocab: int) -> tuple[dict, dict]:
     def logits(sess, adapter=None):
         return sess.run(["logits"], feeds, adapter=adapter)[0]
 
+    ort_lora, lora_options, _lora = ort_lora_adapter(paths["slots"], files["a00"], device)
+
     ref, with_a00 = logits(base), logits(slots, "a00")
     checks = {
         "adapter off vs base, max |diff|": max_diff(logits(slots), ref),
@@ -62,12 +81,15 @@ def question_single(paths, args, vocab: int) -> tuple[dict, dict]:
         "slots+a00 vs base, max |diff|": max_diff(with_a00, ref),
         "merge strategy+a00 vs slots+a00, max |diff|": max_diff(logits(merge, "a00"), with_a00),
         "merge strategy, adapter off vs base, max |diff|": max_diff(logits(merge), ref),
+        "ORT LoraAdapter a00 vs slots+a00, max |diff|": max_diff(ort_lora.run(["logits"], feeds, lora_options)[0],
+                                                                 with_a00),
     }
     variants = {
         "base": lambda: base.run(["logits"], feeds),
         "slots, adapter off": lambda: slots.run(["logits"], feeds),
         "slots, one adapter (fixed)": lambda: slots.run(["logits"], feeds, adapter="a00"),
         "slots, switch adapter every run": lambda: slots.run(["logits"], feeds, adapter=switch_slots()),
+        "ORT's own LoraAdapter, one adapter (same slot model)": lambda: ort_lora.run(["logits"], feeds, lora_options),
         "merge strategy, adapter off": lambda: merge.run(["logits"], feeds),
         "merge strategy, one adapter (active)": lambda: merge.run(["logits"], feeds, adapter="a00"),
         "merge strategy, switch adapter every run (swap + run)": lambda: swap_run.run(

@@ -57,6 +57,10 @@ def single_table(args, t1: dict, prof: dict) -> tuple[list[str], list[str]]:
             f"direct kernel ratio {one['kernel_us'] / bp['kernel_us']:.3f}, wall {fixed / base:.3f} "
             "(goal <= 1.03 by kernel time)")
     goals.append(f"switch every run / fixed adapter: {switch / fixed:.3f} (goal: no measurable difference)")
+    theirs = t1.get("ORT's own LoraAdapter, one adapter (same slot model)")
+    if theirs:
+        goals.append(f"ORT's own LoraAdapter / base, wall: {med(theirs) / base:.3f}; vs AdapterSession with the same "
+                     f"adapter {med(theirs) / fixed:.3f}")
     if "new session per switch (+load +run)" in t1:
         fresh = med(t1["new session per switch (+load +run)"])
         goals.append(f"new InferenceSession per switch (+load +run) / switch in one session: {fresh / switch:.1f}x "

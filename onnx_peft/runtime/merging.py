@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import RuntimeSessionError
@@ -43,15 +43,16 @@ class MergeOnSwap:
 
     def __init__(self, graphs: MergeGraphs, to_device: Any, merge_session: Any, device: tuple[str, int],
                  slot_modules: Mapping[str, str]) -> None:
-        self.targets = graphs.targets
         self._slot_modules = slot_modules  # slot name -> its module
         self.heads = set(graphs.heads)
         self._merge_inputs = {i.name for i in merge_session.get_inputs()} | {
             i.name for i in merge_session.get_overridable_initializers()}
         self._session = merge_session
         self._device = device
-        self._host = main_feeds_of(self.targets)  # CPU OrtValues share these arrays
-        self.base = WeightSet(None, {name: to_device(array) for name, array in self._host.items()})
+        # CPU OrtValues share (and keep) the host arrays; on a GPU the device copies are all there is
+        self.base = WeightSet(None, {name: to_device(array) for name, array in main_feeds_of(graphs.targets).items()})
+        self.targets = [t if device[0] == "cpu" else replace(t, base_weight=None, base_bias=None)
+                        for t in graphs.targets]
         self._active: WeightSet | None = None
         self._lock = threading.Lock()
 

@@ -173,11 +173,13 @@ class AdapterSession(AdapterLoading, AdapterRunning, AdapterGeneration, AdapterM
         if twin is None:
             return None
         try:
-            values = {name: (array, self._to_device(np.ascontiguousarray(array))) for name, array in twin.weights.items()}
+            values = {name: self._to_device(np.ascontiguousarray(array)) for name, array in twin.weights.items()}
         except Exception as exc:  # the device cannot take them: the slot session alone still works
             logger.warning("no base session (%s); runs without an adapter use the slot graph", exc)
             return None
-        self._shared = values  # the sessions use these buffers in place: they live as long as self
-        for name, (_, value) in values.items():
+        # the sessions use these buffers in place: they live as long as self (on CPU the OrtValues
+        # share the host arrays, which they keep alive; on a GPU the host copies are freed here)
+        self._shared = values
+        for name, value in values.items():
             self._session_options.add_initializer(name, value)
         return twin
