@@ -89,6 +89,13 @@ class LinearSite:
         array = self.weight.const_value.numpy()
         return array if self.weight_layout == "out_in" else array.T
 
+    @property
+    def consumed_layout(self) -> str:
+        """The layout the node itself reads at its weight input: ``out_in`` for ``Gemm(transB=1)``,
+        else ``in_out`` (a weight fed there directly, bypassing a Transpose in front)."""
+        trans_b = self.node.attributes.get("transB")
+        return "out_in" if self.node.op_type == "Gemm" and trans_b is not None and bool(trans_b.value) else "in_out"
+
 
 # ---------------------------------------------------------------- structural helpers
 

@@ -84,9 +84,7 @@ def set_merged_weight(graph: ir.Graph, site: LinearSite,
     layout = site.weight_layout
     exclusive = _exclusive_chain(site)
     if not exclusive:  # the node reads the new weight directly, in the layout it consumes
-        trans_b = site.node.op_type == "Gemm" and site.node.attributes.get("transB") is not None \
-            and bool(site.node.attributes["transB"].value)
-        layout = "out_in" if trans_b else "in_out"
+        layout = site.consumed_layout
     shape = (site.out_features, site.in_features) if layout == "out_in" else (site.in_features, site.out_features)
     name = site.weight.name if exclusive else f"{site.module}.weight.merged"
 

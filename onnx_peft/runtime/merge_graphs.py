@@ -117,16 +117,10 @@ def build_merge_graphs(model_path: Path) -> MergeGraphs:
     return MergeGraphs(model, merge_model, targets, heads, contract)
 
 
-def _consumed_layout(site: LinearSite) -> str:
-    node = site.node
-    trans_b = node.op_type == "Gemm" and node.attributes.get("transB") is not None and bool(node.attributes["transB"].value)
-    return "out_in" if trans_b else "in_out"
-
-
 def _retarget(graph: ir.Graph, site: LinearSite, slots: list[Slot]) -> MergeTarget:
     """Make ``site`` read its weight (and a bias an output form changes) from new inputs."""
     module = site.module
-    layout = _consumed_layout(site)
+    layout = site.consumed_layout
     out_in = np.asarray(site.weight_out_in())
     base = np.ascontiguousarray(out_in if layout == "out_in" else out_in.T)
     dtype = site.weight.const_value.dtype
@@ -222,7 +216,7 @@ def _add_merge(merge: ir.Graph, site: LinearSite, slots: list[Slot], target: Mer
         cast.shape, cast.type = value.shape, ir.TensorType(ir.DataType.FLOAT)  # forms read fixed dims (rotations)
         values.setdefault(slot.method, {})[suffix] = cast
     w = g.op("Cast", [weight_in], "merge_w", to=to_float)
-    if _consumed_layout(site) == "out_in":
+    if site.consumed_layout == "out_in":
         w = g.op("Transpose", [w], "merge_w_in_out", perm=[1, 0])
     ordered = sorted(values, key=lambda name: FORMS[name].stage)
     size = g.const([site.in_features, site.in_features])
@@ -241,7 +235,7 @@ def _add_merge(merge: ir.Graph, site: LinearSite, slots: list[Slot], target: Mer
         if FORMS[name].stage == 2:
             FORMS[name].build(g, values[name])
     merged = g.y
-    if _consumed_layout(site) == "out_in":
+    if site.consumed_layout == "out_in":
         merged = g.op("Transpose", [merged], "merge_out_in", perm=[1, 0])
     out = g.op("Cast", [merged], "merge_cast", to=int(model_dtype))
     out.name = target.weight_output
