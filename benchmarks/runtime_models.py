@@ -126,7 +126,7 @@ def prepare(cache: Path, shape: str, dtype: str, questions: list[str]) -> dict[s
     from onnx_peft.export import export
 
     wanted = {key for q in questions for key in NEEDS[q]}
-    paths: dict[str, Path] = {}
+    paths: dict[str, Path] = {"hf_base": base_dir, "hf_a00": adapters["a00"]}  # HF PEFT's side of the rows
     for prefix, task in TASKS.items():
         jobs = {
             f"{prefix}base": dict(mode="in-graph"),

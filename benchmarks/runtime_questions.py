@@ -160,12 +160,85 @@ def question_generate(paths, args, vocab: int) -> tuple[dict, dict]:
         "greedy tokens, merge strategy == adapter": bool((out_merge == out_slots).all()),
         "greedy tokens, adapter == base (expected False)": bool((out_slots == out_base).all()),
     }
+    bare = bare_greedy(paths["past_base"], device)
+    checks["greedy tokens, bare ORT loop == base"] = bool((bare(prompt, new) == out_base).all())
+    peft = peft_greedy(paths["hf_base"], paths["hf_a00"], device, args.dtype)
+    if peft is not None:
+        checks["greedy tokens, HF PEFT generate == adapter"] = bool((peft(prompt, new) == out_slots).all())
     variants = {
         "base": lambda: base.generate(prompt, new),
+        "base, bare ORT loop (IO binding, numpy argmax)": lambda: bare(prompt, new),
         "slots, one adapter": lambda: slots.generate(prompt, new, adapter="a00"),
         "merge strategy, one adapter (active)": lambda: merge.generate(prompt, new, adapter="a00"),
         "merged": lambda: merged.generate(prompt, new),
     }
+    if peft is not None:
+        variants["HF PEFT generate, one adapter (torch eager)"] = lambda: peft(prompt, new)
     times = interleaved(variants, args.gen_runs, 1, args.seed + 2, "generate")
     gc.collect()
     return times, checks
+
+
+def bare_greedy(model, device: str):
+    """The base model decoded the way a user writes it by hand: one InferenceSession, IO binding
+    keeping ``present.*`` where the model runs, the full logits back to numpy for the argmax."""
+    import onnxruntime as ort
+
+    providers = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"] if device == "cuda" \
+        else ["CPUExecutionProvider"]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(model), options, providers=providers)
+    inputs = {i.name: i for i in session.get_inputs()}
+    past_names = [n for n in inputs if n.startswith("past_key_values.")]
+    dtype = np.float16 if inputs[past_names[0]].type == "tensor(float16)" else np.float32
+
+    def run(prompt: np.ndarray, new: int) -> np.ndarray:
+        batch, tokens = prompt.shape[0], prompt
+        past = {n: ort.OrtValue.ortvalue_from_numpy(np.zeros(
+            (batch, inputs[n].shape[1], 0, inputs[n].shape[3]), dtype), device, 0) for n in past_names}
+        current, length = prompt, prompt.shape[1]
+        for _ in range(new):
+            binding = session.io_binding()
+            binding.bind_cpu_input("input_ids", current)
+            binding.bind_cpu_input("attention_mask", np.ones((batch, length), np.int64))
+            if "position_ids" in inputs:
+                binding.bind_cpu_input("position_ids", np.arange(length - current.shape[1], length, dtype=np.int64)[None]
+                                       .repeat(batch, 0))
+            for name, value in past.items():
+                binding.bind_ortvalue_input(name, value)
+            binding.bind_output("logits", "cpu")
+            presents = ["present." + n[len("past_key_values."):] for n in past_names]
+            for name in presents:
+                binding.bind_output(name, device)
+            session.run_with_iobinding(binding)
+            logits, *values = binding.get_outputs()
+            chosen = logits.numpy()[:, -1, :].astype(np.float32).argmax(-1)[:, None].astype(np.int64)
+            tokens = np.concatenate([tokens, chosen], axis=1)
+            past = dict(zip(past_names, values))
+            current, length = chosen, length + 1
+        return tokens
+
+    return run
+
+
+def peft_greedy(base_dir, adapter_dir, device: str, dtype: str):
+    """HF PEFT's own generate on the same base and adapter (torch eager), or None without peft."""
+    try:
+        import peft
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype).to(device)
+    model = peft.PeftModel.from_pretrained(model, adapter_dir).eval()
+
+    def run(prompt: np.ndarray, new: int) -> np.ndarray:
+        ids = torch.from_numpy(prompt).to(device)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                 min_new_tokens=new, do_sample=False, pad_token_id=0)
+        return out.cpu().numpy()
+
+    return run

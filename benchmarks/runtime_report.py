@@ -144,6 +144,14 @@ def generate_table(args, t3: dict, prof: dict) -> tuple[list[str], list[str]]:
     adapter = med(t3["slots, one adapter"])
     goals.append(f"generation tokens/s, adapter / merged: wall {med(t3['merged']) / adapter:.3f}; "
                  f"strategy merge / merged: {med(t3['merged']) / med(t3['merge strategy, one adapter (active)']):.3f}")
+    per_token = {key: 1e3 * med(values) / args.new_tokens for key, values in t3.items()}
+    bare = per_token.get("base, bare ORT loop (IO binding, numpy argmax)")
+    theirs = per_token.get("HF PEFT generate, one adapter (torch eager)")
+    goals.append(f"ms per token: AdapterSession base {per_token['base']:.2f}" +
+                 (f" vs a bare ORT loop {bare:.2f}" if bare else "") +
+                 f"; one adapter {per_token['slots, one adapter']:.2f}" +
+                 (f" vs HF PEFT generate {theirs:.2f} ({theirs / per_token['slots, one adapter']:.2f}x ours)"
+                  if theirs else ""))
     if prof:
         db, da = prof["decode base"], prof["decode slots, one adapter"]
         dg, dm = prof["decode merge strategy, one adapter"], prof["decode merged"]

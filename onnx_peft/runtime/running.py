@@ -145,11 +145,17 @@ class AdapterRunning:
 
     def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, Any],
             adapter: str | Sequence[str | None] | None = None, run_options: Any = None,
-            task_ids: Any = None) -> list[Any]:
+            task_ids: Any = None, device_outputs: Sequence[str] = ()) -> list[Any]:
         """Like ``InferenceSession.run``; ``adapter``: None (base), a name (whole batch), or one
         name/None per batch row (MultiAdapter models, and prompt-ready models with prompt-learning
-        adapters). ``task_ids``: one int, or one per row, for multitask prompt adapters."""
-        return self._run(output_names, feeds, adapter, run_options, task_ids=task_ids)
+        adapters). ``task_ids``: one int, or one per row, for multitask prompt adapters.
+        ``device_outputs``: outputs returned as OrtValues where the model ran (on CUDA: device
+        memory, nothing copied to the host; feed them to the next run as they are)."""
+        unknown = [n for n in device_outputs if n not in (output_names or self.output_names)]
+        if unknown:
+            raise RuntimeSessionError(f"device_outputs {unknown} are not among the outputs asked for")
+        return self._run(output_names, feeds, adapter, run_options, keep_on_device=list(device_outputs),
+                         task_ids=task_ids)
 
     def _run(self, output_names: Sequence[str] | None, feeds: Mapping[str, Any], adapter: Any,
              run_options: Any = None, keep_on_device: Sequence[str] = (),
@@ -186,7 +192,7 @@ class AdapterRunning:
     def _execute(self, session: Any, output_names: list[str], feeds: Mapping[str, Any], extra: Mapping[str, Any],
                  run_options: Any, keep_on_device: Sequence[str]) -> list[Any]:
         try:
-            if self.device == "cpu":
+            if self.device == "cpu" and not keep_on_device:
                 return session.run(output_names, {**feeds, **extra}, run_options)
             return self._run_bound(session, output_names, feeds, extra, run_options, keep_on_device)
         except OnnxPeftError:
@@ -258,21 +264,18 @@ class AdapterRunning:
 
     def _run_bound(self, session: Any, output_names: list[str], feeds: Mapping[str, Any], extra: Mapping[str, Any],
                    run_options: Any, keep_on_device: Sequence[str]) -> list[Any]:
-        """CUDA: IO binding; adapter OrtValues and banks are already on the device."""
+        """IO binding (CUDA; and any device when outputs stay where the model runs, as the KV
+        cache of ``generate``): adapter OrtValues and banks are already on the device. Host arrays
+        are bound as CPU OrtValues: ``bind_cpu_input`` cannot bind an input that has a default
+        (an overridable initializer: slots, prompt inputs), ``bind_ortvalue_input`` can."""
         binding = session.io_binding()
-        for name, value in feeds.items():
-            if isinstance(value, self._ort.OrtValue):
-                binding.bind_ortvalue_input(name, value)
-            else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name, value in extra.items():
-            if isinstance(value, self._ort.OrtValue):
-                binding.bind_ortvalue_input(name, value)
-            else:
-                binding.bind_cpu_input(name, value)
+        for name, value in {**feeds, **extra}.items():
+            if not isinstance(value, self._ort.OrtValue):
+                value = self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+            binding.bind_ortvalue_input(name, value)
         for name in output_names:
             if name in keep_on_device:
-                binding.bind_output(name, "cuda", self._device_id)
+                binding.bind_output(name, self.device, self._device_id)
             else:
                 binding.bind_output(name, "cpu")
         session.run_with_iobinding(binding, run_options)
