@@ -302,20 +302,9 @@ def timing(sessions, specs, feeds, runs: int, warmup: int, seed: int, label: str
 
 def node_kernels(path: str, skip_runs: int) -> dict[str, tuple[str, float]]:
     """node -> (op type, kernel us/run: the median over the counted runs), as runtime.parse_profile."""
-    events = json.loads(Path(path).read_text())
-    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
-                  key=lambda e: e["ts"])[skip_runs:]
-    bounds = [(r["ts"], r["ts"] + r["dur"]) for r in runs]
-    per_node: dict[str, list[float]] = {}
-    ops: dict[str, str] = {}
-    for e in events:
-        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
-            continue
-        if not any(lo <= e["ts"] <= hi for lo, hi in bounds):
-            continue
-        node = e["name"][: -len("_kernel_time")]
-        per_node.setdefault(node, []).append(e["dur"])
-        ops[node] = e.get("args", {}).get("op_name", "?")
+    from runtime_profile import node_kernel_events
+
+    runs, per_node, ops = node_kernel_events(json.loads(Path(path).read_text()), skip_runs)
     return {n: (ops[n], float(np.median(d)) * len(d) / len(runs)) for n, d in per_node.items()}
 
 

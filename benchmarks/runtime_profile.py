@@ -25,17 +25,11 @@ from runtime_models import N_ADAPTERS, adapter_files, adapter_name, decode_feeds
 LORA_NODE = re.compile(r"/adapter/|/multi_adapter/|\.bank/Gather")
 
 
-def parse_profile(path: str, skip_runs: int) -> dict:
-    """Kernel events of the runs after the first ``skip_runs``.
-
-    Each node's kernel time is the median over the runs (robust to a preempted kernel on a
-    shared machine); a variant's kernel time is the sum of its nodes' medians.
-    """
-    events = json.loads(Path(path).read_text())
-    runs = sorted(
-        (e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
-        key=lambda e: e["ts"],
-    )[skip_runs:]
+def node_kernel_events(events: list[dict], skip_runs: int) -> tuple[list[tuple[float, float]], dict, dict]:
+    """The (start, end) of each run after the first ``skip_runs``, each node's kernel durations in
+    them (us) and each node's op type, from an ORT profile's events."""
+    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                  key=lambda e: e["ts"])[skip_runs:]
     bounds = [(r["ts"], r["ts"] + r["dur"]) for r in runs]
     per_node: dict[str, list[float]] = {}
     ops: dict[str, str] = {}
@@ -47,7 +41,18 @@ def parse_profile(path: str, skip_runs: int) -> dict:
         node = e["name"][: -len("_kernel_time")]
         per_node.setdefault(node, []).append(e["dur"])
         ops[node] = e.get("args", {}).get("op_name", "?")
-    counted = len(runs)
+    return bounds, per_node, ops
+
+
+def parse_profile(path: str, skip_runs: int) -> dict:
+    """Kernel events of the runs after the first ``skip_runs``.
+
+    Each node's kernel time is the median over the runs (robust to a preempted kernel on a
+    shared machine); a variant's kernel time is the sum of its nodes' medians.
+    """
+    events = json.loads(Path(path).read_text())
+    bounds, per_node, ops = node_kernel_events(events, skip_runs)
+    counted = len(bounds)
     total = lora = kernels = lora_kernels = 0.0
     lora_ops: dict[str, float] = {}
     op_kernels: dict[str, float] = {}
@@ -71,7 +76,7 @@ def parse_profile(path: str, skip_runs: int) -> dict:
                     if LORA_NODE.search(e["name"]):
                         run_lora[i] += e["dur"]
                     break
-    wall = statistics.median(e["dur"] for e in runs)
+    wall = statistics.median(hi - lo for lo, hi in bounds)
     return {
         "runs": counted,
         "kernel_us": total,
