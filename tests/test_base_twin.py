@@ -38,9 +38,13 @@ def test_no_adapter_runs_launch_the_base_kernels_and_adapters_still_swap(model_p
     assert np.abs(fed - reference(x, a)).max() <= 1e-5
 
 
-def test_default_is_off_on_cpu_and_on_for_cuda(model_path, ort_device):
+def test_default_is_off_on_cpu_and_on_for_cuda_with_the_sessions_own_options(model_path, ort_device):
+    import onnxruntime as ort
+
     session = AdapterSession(model_path, device=ort_device)
     assert (session._base is not None) == (ort_device == "cuda")
+    # a caller's options are never given shared weights unasked (they may serve another model)
+    assert AdapterSession(model_path, device=ort_device, session_options=ort.SessionOptions())._base is None
 
 
 def test_multi_adapter_batch_of_base_rows_runs_on_the_twin(model_path, x, ort_device, tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -25,6 +26,9 @@ from onnx_peft.errors import RuntimeSessionError
 from onnx_peft.formats import save_adapter_file
 from onnx_peft.graph.contract import Contract, Slot, weight_fingerprint, write_contract
 from onnx_peft.runtime.providers import CPU, CUDA
+
+# the CLI's options are fresh per session, so the base twin is asked for whenever CUDA is there
+CUDA_HERE = True if CUDA in ort.get_available_providers() else None
 
 VOCAB, HIDDEN, OUT, RANK = 100, 8, 4, 2  # bench draws input_ids below 100
 MODULE = "model.proj"
@@ -158,7 +162,7 @@ def test_session_flags_become_adapter_session_keywords(command):
                                       "cuda:arena_extend_strategy=kSameAsRequested", "--debug"])
     kwargs = session_kwargs(args)
     assert kwargs.pop("session_options").log_severity_level == 2  # --debug: ORT's own log shown
-    assert kwargs == {"device": "cuda", "tf32": True, "strategy": "merge",
+    assert kwargs == {"device": "cuda", "tf32": True, "strategy": "merge", "base_session": CUDA_HERE,
                       "provider_options": {CUDA: {"gpu_mem_limit": "1000",
                                                   "arena_extend_strategy": "kSameAsRequested"}}}
 
@@ -166,7 +170,10 @@ def test_session_flags_become_adapter_session_keywords(command):
 def test_session_flag_defaults_are_the_api_defaults():
     kwargs = session_kwargs(build_parser().parse_args(["bench", "m.onnx"]))
     assert kwargs.pop("session_options").log_severity_level == 4
-    assert kwargs == {"device": "auto", "provider_options": None, "tf32": False, "strategy": "auto"}
+    assert kwargs == {"device": "auto", "provider_options": None, "tf32": False, "strategy": "auto",
+                      "base_session": CUDA_HERE}
+    cpu = session_kwargs(build_parser().parse_args(["bench", "m.onnx", "--device", "cpu"]))
+    assert cpu["base_session"] is None  # the twin stays off on CPU
 
 
 # -- bench ---------------------------------------------------------------------------------------

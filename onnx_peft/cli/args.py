@@ -69,9 +69,14 @@ def session_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 raise RuntimeSessionError(f"--provider-option {text}: is for {provider} (without PROVIDER: an "
                                           "option is for cuda), which --device cpu does not start; drop it "
                                           "or use --device cuda")
+    from ..errors import require_onnxruntime
+
+    cuda = args.device != "cpu" and "CUDAExecutionProvider" in require_onnxruntime().get_available_providers()
     return {"session_options": session_options(args), "device": args.device,
             "provider_options": parse_option_flags(args.provider_option) or None,
-            "tf32": args.tf32, "strategy": args.strategy}
+            "tf32": args.tf32, "strategy": args.strategy,
+            # the options are made fresh for this session, so the base twin may share weights in them
+            "base_session": True if cuda else None}
 
 
 def parse_named_paths(values: list[str]) -> dict[str, str]:

@@ -52,9 +52,10 @@ class AdapterSession(AdapterLoading, AdapterRunning, AdapterGeneration, AdapterM
         adapters per run (per row on MultiAdapter models), "merge" folds the active adapter into
         device-resident weights on swap so every run costs the base, "auto" = "slots".
         ``base_session`` (strategy "slots"): runs without an adapter go to a twin session over the
-        base graph sharing every weight (runtime/base_twin.py); None = on with CUDA, off on CPU.
-        ``session_options`` serve every session this opens; they receive the shared weights
-        (``add_initializer``) and, for graphs built in memory, the model folder for external data."""
+        base graph sharing every weight (runtime/base_twin.py); None = on with CUDA when
+        ``session_options`` is None, else off (True adds the shared weights to your options: do not
+        reuse them for another model). ``session_options`` serve every session this opens; graphs
+        built in memory add the model folder for external data to them."""
         ort = require_onnxruntime()
         self._ort = ort
         self.model_path = Path(model_path)
@@ -65,7 +66,8 @@ class AdapterSession(AdapterLoading, AdapterRunning, AdapterGeneration, AdapterM
         check_external_data(self.model_path)  # ORT itself accepts hard links to files elsewhere
         if strategy not in STRATEGIES:
             raise RuntimeSessionError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
-        if session_options is None:
+        owned = session_options is None  # the shared-weight twin may only add to options of our own
+        if owned:
             session_options = ort.SessionOptions()
             session_options.log_severity_level = 3  # slot inputs with defaults warn on every load
         self._session_options = session_options
@@ -74,7 +76,7 @@ class AdapterSession(AdapterLoading, AdapterRunning, AdapterGeneration, AdapterM
         graphs = self._merge_graphs() if self.strategy == "merge" else None
         self.device = self._plan.device
         self._device_id = int(self._plan.options[0].get("device_id", 0)) if self.device == "cuda" else 0
-        twin = self._share_base_weights(base_session) if graphs is None else None
+        twin = self._share_base_weights(base_session, owned) if graphs is None else None
         self._session = self._create_session(self.model_path if graphs is None else self._in_memory(graphs.main),
                                              self._plan)
         self.provider = self._session.get_providers()[0]
@@ -160,11 +162,13 @@ class AdapterSession(AdapterLoading, AdapterRunning, AdapterGeneration, AdapterM
         check_applied(session, plan)
         return session
 
-    def _share_base_weights(self, wanted: bool | None) -> Any:
+    def _share_base_weights(self, wanted: bool | None, owned: bool) -> Any:
         """Strategy "slots": the base twin (runtime/base_twin.py) when wanted, its weights handed
-        to ONNX Runtime as shared OrtValues for both sessions; None when not built."""
+        to ONNX Runtime as shared OrtValues for both sessions; None when not built. Automatic only
+        with the session's own SessionOptions: shared initializers stay in an options object, and
+        a caller's, reused for another model with the same weight names, would get these weights."""
         if wanted is None:
-            wanted = self._plan.device == "cuda"
+            wanted = self._plan.device == "cuda" and owned
         if not wanted:
             return None
         from .base_twin import base_twin

@@ -42,7 +42,7 @@ def serve(deploy_dir: str | os.PathLike, adapters: Mapping[str, str] | None = No
           eos_token_id: int | None = None, **session: Any) -> None:
     """Open ``deploy_dir`` and answer HTTP on ``host:port`` until interrupted. ``session``:
     :func:`~onnx_peft.serve.deploy.open_deployment`'s AdapterSession keywords (``device``,
-    ``provider_options``, ``tf32``, ``strategy``, ``providers``, ``session_options``)."""
+    ``provider_options``, ``tf32``, ``strategy``, ``base_session``, ``providers``, ``session_options``)."""
     _, uvicorn = require_server()
     from .app import create_app
     from .deploy import open_deployment

@@ -85,14 +85,14 @@ def open_deployment(folder: str | os.PathLike, adapters: Mapping[str, str] | Non
                     mix_adapters: bool = True, providers: Sequence[Any] | None = None,
                     eos_token_id: int | None = None, session_options: Any = None, preload: bool = True, *,
                     device: str | None = None, provider_options: Mapping[str, Mapping[str, Any]] | None = None,
-                    tf32: bool = False, strategy: str = "auto") -> Deployment:
+                    tf32: bool = False, strategy: str = "auto", base_session: bool | None = None) -> Deployment:
     """Open ``folder`` (``model.onnx`` + ``adapters/``) and load every adapter in it and in ``adapters``.
 
     ``mix_adapters``: turn a slot model into a MultiAdapter model (temporary folder) so one
     run can serve rows of different adapters; False keeps one adapter per run, and so does
     ``strategy="merge"`` (one adapter merged into the weights at a time). ``preload=False``
     only records the adapters' paths (a Ray replica loads them on demand). ``providers``,
-    ``session_options``, ``device``, ``provider_options``, ``tf32`` and ``strategy`` go to
+    ``session_options``, ``device``, ``provider_options``, ``tf32``, ``strategy`` and ``base_session`` go to
     :class:`~onnx_peft.runtime.AdapterSession` as they are."""
     folder = Path(folder)
     model = folder / "model.onnx"
@@ -100,7 +100,8 @@ def open_deployment(folder: str | os.PathLike, adapters: Mapping[str, str] | Non
         raise ModelFileError(f"{folder}: no model.onnx; serve a folder written by onnx-peft export "
                              "(or onnx-peft multi-adapter)")
     session_args = {"providers": providers, "session_options": session_options, "device": device,
-                    "provider_options": provider_options, "tf32": tf32, "strategy": strategy}
+                    "provider_options": provider_options, "tf32": tf32, "strategy": strategy,
+                    "base_session": base_session}
     session = AdapterSession(model, **session_args)
     task = task_of(folder, session)
     tmp = None
