@@ -15,16 +15,14 @@ from tiny_models import (
     TOL,
     assert_merge_verbs,
     assert_round_trip,
-    changed_since,
+    assert_training_changes_only,
     max_diff,
     perturb_trainable,
     run,
     saved_keys,
-    snapshot,
     tiny_gpt2_with_biases,
     tiny_llama,
     token_ids,
-    train_steps,
 )
 
 import onnx_peft
@@ -153,17 +151,8 @@ def test_merging_two_active_adapters_equals_their_product():
 # -- (c) training ------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_training_lowers_the_loss_and_changes_only_ia3_vectors(case):
-    torch.manual_seed(0)
-    model = _ours(case).train()
-    before = snapshot(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-
-    losses = train_steps(model, token_ids(batch=4, seq=8), optimizer, steps=8)
-
-    changed = changed_since(model, before)
-    assert losses[-1] < losses[0] - 1e-3
+    changed = assert_training_changes_only(lambda: _ours(case), (".ia3_l.",))
     assert changed and all(".ia3_l." in k for k in changed)
-    assert changed == {k for k in before if ".ia3_l." in k}
 
 
 # -- (d) errors --------------------------------------------------------------------------------

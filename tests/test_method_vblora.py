@@ -11,6 +11,7 @@ from method_cases.vblora import CASES
 from tiny_models import (
     TOL,
     assert_merge_verbs,
+    assert_numpy_merge_equals_torch,
     assert_round_trip,
     changed_since,
     max_diff,
@@ -141,19 +142,7 @@ def test_merge_unmerge_and_merge_and_unload_equal_the_unmerged_forward(case):
 def test_numpy_merged_weight_equals_the_torch_merged_weight(case, tmp_path):
     ours = _ours(case)
     ours.save_pretrained(tmp_path)
-    adapter = PeftAdapter.read("a", tmp_path)
-    layers = {k: m for k, m in ours.base_model.model.named_modules() if isinstance(m, VBLoRALayer)}
-    base = {k: m.base_layer.weight.detach().clone() for k, m in layers.items()}
-
-    ours.merge_adapter()
-
-    assert sorted(adapter.modules) == sorted(layers)
-    for module, layer in layers.items():
-        flip = layer.fan_in_fan_out
-        weight = (base[module].T if flip else base[module]).numpy()
-        merged, _ = adapter.merged_weight(module, weight, None)
-        torch_merged = layer.base_layer.weight.detach()
-        assert np.abs(merged - (torch_merged.T if flip else torch_merged).numpy()).max() <= TOL, module
+    assert_numpy_merge_equals_torch(ours, tmp_path, VBLoRALayer, TOL)
 
 
 # -- (c) training --------------------------------------------------------------------------------

@@ -263,3 +263,40 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 def changed_since(model: nn.Module, before: dict[str, torch.Tensor]) -> set[str]:
     """Names of the state-dict entries that differ from ``before`` (parameters and buffers)."""
     return {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+
+
+def assert_training_changes_only(build: Callable[[], nn.Module], trained: tuple[str, ...],
+                                 lr: float = 3e-2) -> set[str]:
+    """8 AdamW steps on ``build()`` (torch seeded first) over a [4, 8] batch: the loss drops and
+    exactly the state-dict entries whose names contain one of ``trained`` change; returns them."""
+    torch.manual_seed(0)
+    model = build().train()
+    before = snapshot(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+    losses = train_steps(model, token_ids(batch=4, seq=8), optimizer, steps=8)
+
+    changed = changed_since(model, before)
+    assert losses[-1] < losses[0] - 1e-3
+    assert changed == {k for k in before if any(t in k for t in trained)}
+    return changed
+
+
+def assert_numpy_merge_equals_torch(model: nn.Module, folder: Path, layer_type: type, tol: float) -> None:
+    """The method's numpy ``merged_weight`` on the checkpoint saved in ``folder`` equals the
+    weight ``model`` (holding that adapter) has after its own ``merge_adapter``, per layer."""
+    from onnx_peft.convert import PeftAdapter
+
+    adapter = PeftAdapter.read("a", folder)
+    layers = {k: m for k, m in model.base_model.model.named_modules() if isinstance(m, layer_type)}
+    base = {k: m.base_layer.weight.detach().clone() for k, m in layers.items()}
+
+    model.merge_adapter()
+
+    assert sorted(adapter.modules) == sorted(layers)
+    for module, layer in layers.items():
+        flip = layer.fan_in_fan_out
+        weight = (base[module].T if flip else base[module]).numpy()
+        merged, _ = adapter.merged_weight(module, weight, None)
+        torch_merged = layer.base_layer.weight.detach()
+        assert np.abs(merged - (torch_merged.T if flip else torch_merged).numpy()).max() <= tol, module

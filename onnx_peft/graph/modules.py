@@ -89,6 +89,12 @@ class LinearSite:
         array = self.weight.const_value.numpy()
         return array if self.weight_layout == "out_in" else array.T
 
+    def replace_bias(self, value: ir.Value) -> None:
+        """Make the node that adds the (constant) bias read ``value`` instead: the Gemm's C, or
+        the Add after the MatMul."""
+        consumer = self.node if self.node.op_type == "Gemm" else self.output.producer()
+        consumer.replace_input_with(next(i for i, v in enumerate(consumer.inputs) if v is self.bias), value)
+
     @property
     def consumed_layout(self) -> str:
         """The layout the node itself reads at its weight input: ``out_in`` for ``Gemm(transB=1)``,

@@ -130,8 +130,7 @@ def set_merged_bias(graph: ir.Graph, site: LinearSite, merged_bias: Callable[[np
                      const_value=ir.LazyTensor(compute, dtype=ir_dtype, shape=ir.Shape(shape), name=name))
     graph.register_initializer(value)
     if bias is not None:
-        consumer = site.node if site.node.op_type == "Gemm" else site.output.producer()
-        consumer.replace_input_with(next(i for i, v in enumerate(consumer.inputs) if v is bias), value)
+        site.replace_bias(value)
         remove_dead(graph, [])
         return
     out = site.output

@@ -33,6 +33,7 @@ from ..graph.contract import FULL_WEIGHT_METHOD, Contract, Slot
 from ..graph.io import load_model
 from ..graph.modules import LinearSite, constant_array
 from ..graph.op_sites import find_sites
+from ..graph.packing import slot_default
 from ..graph.sites import remove_dead
 from ..methods.forms import FORMS
 
@@ -138,8 +139,7 @@ def _retarget(graph: ir.Graph, site: LinearSite, slots: list[Slot]) -> MergeTarg
     value = ir.Value(name=f"{module}.bias.active", type=ir.TensorType(ir.DataType.from_numpy(base_bias.dtype)),
                      shape=ir.Shape(base_bias.shape))
     graph.inputs.append(value)
-    consumer = site.node if site.node.op_type == "Gemm" else site.output.producer()
-    consumer.replace_input_with(next(i for i, v in enumerate(consumer.inputs) if v is bias), value)
+    site.replace_bias(value)
     return MergeTarget(module, weight.name, target.weight_output, base, value.name, f"{module}.bias.merged",
                        np.ascontiguousarray(base_bias))
 
@@ -206,8 +206,6 @@ def _add_merge(merge: ir.Graph, site: LinearSite, slots: list[Slot], target: Mer
     for slot in slots:  # symbolic dims made per module: older contracts share "lora_r" across modules
         value = ir.Value(name=slot.name, type=ir.TensorType(ir.DataType.from_numpy(np.dtype(slot.dtype))),
                          shape=ir.Shape([d if isinstance(d, int) else f"{d}@{slot.module}" for d in slot.shape]))
-        from ..graph.packing import slot_default
-
         value.const_value = ir.tensor(slot_default(slot), name=slot.name)  # the no-op when not fed
         merge.inputs.append(value)
         merge.register_initializer(value)
